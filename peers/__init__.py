@@ -1,0 +1,1 @@
+"""The peer daemon: serves a span of transformer blocks to the swarm."""

@@ -1,0 +1,126 @@
+"""The transformer blocks a peer serves, run with per-session attention caches.
+
+The blocks are transformers' own decoder layers of the model's family (so numerics equal the
+local model), loaded one block file at a time from the cache: never the embeddings, the head,
+or a block outside the span.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch
+from torch import nn
+
+from protocol.weights import ModelStore
+
+logger = logging.getLogger(__name__)
+
+_FAMILY_CLASSES = {
+    "llama": ("llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding"),
+    "mistral": ("mistral", "MistralDecoderLayer", "MistralRotaryEmbedding"),
+    "qwen2": ("qwen2", "Qwen2DecoderLayer", "Qwen2RotaryEmbedding"),
+}
+
+
+def family_classes(model_type: str) -> tuple[type[nn.Module], type[nn.Module]]:
+    if model_type not in _FAMILY_CLASSES:
+        raise ValueError(f"model family {model_type!r} is not supported; supported: {sorted(_FAMILY_CLASSES)}")
+    module_name, layer_name, rotary_name = _FAMILY_CLASSES[model_type]
+    module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    return getattr(module, layer_name), getattr(module, rotary_name)
+
+
+class AttentionCache:
+    """Keys and values of one session for a run of consecutive blocks, preallocated to max_length.
+
+    transformers' attention calls `update(keys, values, layer_idx)` and attends over what it
+    returns; writing in place into a preallocated buffer keeps a step's cost independent of
+    the prefix length (no concatenation of the whole history per token).
+    """
+
+    def __init__(self, first_block: int, num_blocks: int, batch_size: int, num_kv_heads: int, head_dim: int,
+                 max_length: int, dtype: torch.dtype):
+        shape = (num_blocks, batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype)
+        self.values = torch.zeros(shape, dtype=dtype)
+        self.first_block = first_block
+        self.max_length = max_length
+        self.length = 0  # positions held
+        self._write_position = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def begin_step(self, position: int, new_tokens: int) -> None:
+        if position > self.length:
+            raise ValueError(f"step starts at position {position} but the session holds {self.length}")
+        if position + new_tokens > self.max_length:
+            raise ValueError(f"{position + new_tokens} tokens exceed the session's max_length {self.max_length}")
+        self._write_position = position  # below length: roll back to it
+
+    def end_step(self, new_tokens: int) -> None:
+        self.length = self._write_position + new_tokens
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        index = layer_idx - self.first_block
+        end = self._write_position + key_states.shape[2]
+        self.keys[index, :, :, self._write_position : end] = key_states
+        self.values[index, :, :, self._write_position : end] = value_states
+        return self.keys[index, :, :, :end], self.values[index, :, :, :end]
+
+
+class BlockSpan(nn.Module):
+    """Blocks [start, end) of a model, with the rotary embedding they share."""
+
+    def __init__(self, store: ModelStore, start: int, end: int):
+        super().__init__()
+        if not 0 <= start < end <= store.num_blocks:
+            raise ValueError(f"blocks {start}:{end} are out of range: the model has blocks 0..{store.num_blocks - 1}"
+                             f" (use --blocks A:B with 0 <= A < B <= {store.num_blocks})")
+        self.config = store.config()
+        self.start, self.end = start, end
+        layer_class, rotary_class = family_classes(store.model_type)
+        layers = []
+        for index in range(start, end):
+            with torch.device("meta"):  # no throwaway random init: the real weights are assigned below
+                layer = layer_class(self.config, layer_idx=index)
+            layer.load_state_dict(store.block_state(index), strict=True, assign=True)
+            layers.append(layer.eval())
+        self.layers = nn.ModuleList(layers)
+        self.rotary = rotary_class(config=self.config)
+        self.requires_grad_(False)
+        self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        self.hidden_size = self.config.hidden_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].input_layernorm.weight.dtype
+
+    def new_cache(self, start: int, end: int, batch_size: int, max_length: int) -> AttentionCache:
+        return AttentionCache(start, end - start, batch_size, self.config.num_key_value_heads, self.head_dim,
+                              max_length, self.dtype)
+
+    def cache_bytes_per_token(self, start: int, end: int) -> int:
+        return 2 * (end - start) * self.config.num_key_value_heads * self.head_dim * self.dtype.itemsize
+
+    @torch.inference_mode()
+    def forward(self, hidden_states: torch.Tensor, start: int, end: int, position: int = 0,
+                cache: AttentionCache | None = None) -> torch.Tensor:
+        batch_size, new_tokens, _ = hidden_states.shape
+        positions = torch.arange(position, position + new_tokens).unsqueeze(0).expand(batch_size, -1)
+        position_embeddings = self.rotary(hidden_states, positions)
+        mask = None  # causal via SDPA's is_causal (prefill) or nothing to mask (one new token)
+        if cache is not None:
+            cache.begin_step(position, new_tokens)
+            if new_tokens > 1 and position > 0:  # new tokens see the whole prefix and their own causal past
+                past = torch.arange(position + new_tokens).unsqueeze(0)
+                mask = (past <= positions[:1].unsqueeze(-1)).unsqueeze(0)  # [1, 1, new, total]
+        for layer in self.layers[start - self.start : end - self.start]:
+            hidden_states = layer(hidden_states, attention_mask=mask, position_ids=positions,
+                                  past_key_values=cache, position_embeddings=position_embeddings)
+        if cache is not None:
+            cache.end_step(new_tokens)
+        return hidden_states

@@ -1,0 +1,157 @@
+"""The peer daemon: load the assigned blocks, serve them, announce them in the DHT.
+
+Everything runs in this one process on one event loop: the libp2p daemon (tied to us), a
+DHTNode on the same P2P (no forked DHT process to orphan), the RPC handlers, and a compute
+thread. SIGINT/SIGTERM announce the peer offline before it leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+import time
+
+import torch
+import uvloop
+from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
+
+from peers.blocks import BlockSpan
+from peers.service import BlockService, ServingLimits
+from protocol.network import NetworkOptions, start_p2p
+from protocol.records import PeerRecord, PeerState
+from protocol.signing import RecordIdentity, RecordValidator
+from protocol.weights import ModelStore, open_model
+
+logger = logging.getLogger(__name__)
+
+SOFTWARE_VERSION = "0.1.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnounceOptions:
+    period: float = 15.0  # seconds between announcements
+    expiry: float = 45.0  # a record lives this long unless renewed: a dead peer leaves the map by then
+    public_name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerOptions:
+    model: str
+    blocks: tuple[int, int] | None
+    initial_peers: tuple[str, ...]
+    network: NetworkOptions = NetworkOptions()
+    announce: AnnounceOptions = AnnounceOptions()
+    limits: ServingLimits = ServingLimits()
+    cache_dir: str | None = None
+    throughput: float | None = None  # tokens/s; measured when not given
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--blocks takes A:B (for example 0:15), got {text!r}") from None
+    return start, end
+
+
+def measure_throughput(blocks: BlockSpan, repeats: int = 3) -> float:
+    """Tokens/s of one decoding step through the whole span (also warms the kernels up)."""
+    cache = blocks.new_cache(blocks.start, blocks.end, 1, 16)
+    hidden = torch.zeros(1, 1, blocks.hidden_size, dtype=blocks.dtype)
+    blocks(hidden, blocks.start, blocks.end, 0, cache)
+    started = time.perf_counter()
+    for position in range(1, repeats + 1):
+        blocks(hidden, blocks.start, blocks.end, position, cache)
+    return repeats / (time.perf_counter() - started)
+
+
+class Peer:
+    def __init__(self, options: PeerOptions):
+        self.options = options
+        self.record_identity: RecordIdentity | None = None  # derived from --identity once p2p has written it
+        self.state: PeerState = "joining"
+        self.store: ModelStore | None = None
+        self.service: BlockService | None = None
+        self.throughput = 0.0
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._stop.set)
+        options = self.options
+        store = self.store = await asyncio.to_thread(open_model, options.model, options.cache_dir)
+        start, end = options.blocks if options.blocks is not None else (0, store.num_blocks)
+        if not 0 <= start < end <= store.num_blocks:
+            raise ValueError(f"--blocks {start}:{end} is out of range: {store.identity.name} has "
+                             f"{store.num_blocks} blocks, so use A:B with 0 <= A < B <= {store.num_blocks}")
+        p2p = await start_p2p(options.network, options.initial_peers)
+        try:
+            self.record_identity = (RecordIdentity.derived_from_file(options.network.identity_path)
+                                    if options.network.identity_path else RecordIdentity.generate())
+            node = await DHTNode.create(p2p=p2p, initial_peers=list(options.initial_peers) or None,
+                                        record_validator=RecordValidator(self.record_identity), client_mode=False)
+            addresses = [str(address) for address in await p2p.get_visible_maddrs()]
+            print(f"peer id {p2p.peer_id}", flush=True)
+            for address in addresses:
+                print(address, flush=True)
+            self.addresses, self.peer_id = addresses, str(p2p.peer_id)
+            self.span = (start, end)
+            await self._announce(node)  # joining: others see our choice before we load
+            logger.info(f"loading blocks {start}:{end} of {store.identity.name} ({store.identity.fingerprint})")
+            started = time.perf_counter()
+            blocks = await asyncio.to_thread(BlockSpan, store, start, end)
+            self.throughput = options.throughput or await asyncio.to_thread(measure_throughput, blocks)
+            logger.info(f"loaded in {time.perf_counter() - started:.1f} s; {self.throughput:.1f} tokens/s over the span")
+            self.service = BlockService(store.identity, blocks, options.limits)
+            await self.service.register(p2p)
+            self.state = "online"
+            await self._announce(node)
+            logger.info(f"online: serving blocks {start}:{end} as {p2p.peer_id}")
+            announcer = asyncio.create_task(self._announce_forever(node))
+            await self._stop.wait()
+            announcer.cancel()
+            logger.info("stopping: announcing offline")
+            self.state = "offline"
+            await asyncio.wait_for(self._announce(node), timeout=10)
+            await node.shutdown()
+        finally:
+            await p2p.shutdown()
+
+    def record(self) -> PeerRecord:
+        start, end = self.span
+        return PeerRecord(
+            peer_id=self.peer_id, model=self.store.identity.name, fingerprint=self.store.identity.fingerprint,
+            start=start, end=end, state=self.state, throughput=float(self.throughput),
+            dtype="float32", cache_tokens_left=self.service.cache_tokens_left if self.service else 0,
+            addresses=tuple(self.addresses), public_name=self.options.announce.public_name,
+            software_version=SOFTWARE_VERSION,
+        )
+
+    async def _announce(self, node: DHTNode) -> None:
+        expiry = self.options.announce.expiry if self.state != "offline" else self.options.announce.period
+        stored = await node.store(self.store.identity.dht_key, subkey=self.record_identity.owner_subkey,
+                                  value=self.record().to_wire(), expiration_time=get_dht_time() + expiry)
+        if not stored:
+            logger.warning("could not store this peer's record in the DHT; will retry at the next announcement")
+
+    async def _announce_forever(self, node: DHTNode) -> None:
+        while True:
+            await asyncio.sleep(self.options.announce.period)
+            try:
+                await self._announce(node)
+            except Exception as error:  # a flaky DHT must not take the peer down: the next period retries
+                logger.warning(f"announcement failed: {error}")
+
+
+def run_peer(options: PeerOptions) -> int:
+    try:
+        uvloop.run(Peer(options).run())
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,168 @@
+"""The RPCs a peer answers: streaming inference sessions and one-shot forwards.
+
+Each inference session is one bidirectional stream: an `OpenSession` message, then `Step`s,
+each answered by a `StepResult`. The session's attention cache lives as long as the stream.
+Every refusal or failure is answered with an `ErrorReply` naming the cause; the peer goes on
+serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
+
+import torch
+from hivemind.p2p import P2PContext
+from hivemind.proto import runtime_pb2
+
+from peers.blocks import AttentionCache, BlockSpan
+from protocol import PROTOCOL_VERSION
+from protocol.messages import (FORWARD_RPC, INFERENCE_RPC, ErrorReply, Forward, ForwardResult, FrameJoiner, Message,
+                               OpenSession, ProtocolError, SessionOpened, Step, StepResult, to_frames)
+from protocol.records import ModelIdentity
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingLimits:
+    max_sessions: int = 64
+    max_session_length: int = 8192  # tokens per session
+    cache_bytes: int = 2 * 1024**3  # attention cache memory across all sessions
+    max_message_bytes: int = 64 * 1024**2  # one joined request
+
+
+class BlockService:
+    def __init__(self, identity: ModelIdentity, blocks: BlockSpan, limits: ServingLimits):
+        self.identity, self.blocks, self.limits = identity, blocks, limits
+        # one compute thread: torch releases the GIL, the event loop keeps serving the network
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.sessions: dict[str, AttentionCache] = {}
+        self.cache_bytes_used = 0
+
+    @property
+    def cache_tokens_left(self) -> int:
+        per_token = self.blocks.cache_bytes_per_token(self.blocks.start, self.blocks.end)
+        return max(0, (self.limits.cache_bytes - self.cache_bytes_used) // per_token)
+
+    async def register(self, p2p) -> None:
+        await p2p.add_protobuf_handler(INFERENCE_RPC, self.rpc_inference, runtime_pb2.ExpertRequest,
+                                       stream_input=True, stream_output=True)
+        await p2p.add_protobuf_handler(FORWARD_RPC, self.rpc_forward, runtime_pb2.ExpertRequest,
+                                       stream_input=True, stream_output=True)
+
+    def _check_span(self, model: str, fingerprint: str, start: int, end: int, version: int) -> None:
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {version} is not served here (this peer speaks {PROTOCOL_VERSION})")
+        if (model, fingerprint) != (self.identity.name, self.identity.fingerprint):
+            raise ProtocolError(f"this peer serves {self.identity.name}/{self.identity.fingerprint}, "
+                                f"not {model}/{fingerprint}")
+        if not self.blocks.start <= start < end <= self.blocks.end:
+            raise ProtocolError(f"blocks {start}:{end} are not all served here (this peer serves "
+                                f"{self.blocks.start}:{self.blocks.end})")
+
+    def _check_hidden(self, hidden: torch.Tensor, batch_size: int | None = None) -> None:
+        if hidden.dim() != 3 or hidden.shape[-1] != self.blocks.hidden_size:
+            raise ProtocolError(f"hidden states must be [batch, tokens, {self.blocks.hidden_size}], "
+                                f"got {list(hidden.shape)}")
+        if hidden.dtype != self.blocks.dtype:
+            raise ProtocolError(f"hidden states must be {self.blocks.dtype}, got {hidden.dtype}")
+        if hidden.shape[1] == 0 or (batch_size is not None and hidden.shape[0] != batch_size):
+            raise ProtocolError(f"hidden states of shape {list(hidden.shape)} do not fit the session "
+                                f"(batch size {batch_size}, at least one token)")
+
+    async def _run(self, *args, **kwargs) -> torch.Tensor:
+        return await asyncio.get_running_loop().run_in_executor(self.compute, lambda: self.blocks(*args, **kwargs))
+
+    async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                            context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        session_id = None
+        try:
+            messages = _messages(requests, self.limits.max_message_bytes)
+            opening = await anext(messages, None)
+            if not isinstance(opening, OpenSession):
+                raise ProtocolError("an inference stream must start with an open message")
+            self._check_span(opening.model, opening.fingerprint, opening.start, opening.end, opening.protocol_version)
+            cache = self._open_cache(opening)
+            session_id = secrets.token_hex(8)
+            self.sessions[session_id] = cache
+            logger.info(f"session {session_id} opened by {context.remote_id}: blocks {opening.start}:{opening.end}, "
+                        f"max_length {opening.max_length} ({len(self.sessions)} open)")
+            for frame in _response_frames(SessionOpened(session_id=session_id, max_length=opening.max_length)):
+                yield frame
+            async for step in messages:
+                if not isinstance(step, Step):
+                    raise ProtocolError(f"expected a step message, got {step.type_name}")
+                self._check_hidden(step.hidden_states, opening.batch_size)
+                if step.position > cache.length or step.position + step.hidden_states.shape[1] > cache.max_length:
+                    raise ProtocolError(f"step at position {step.position} with {step.hidden_states.shape[1]} tokens "
+                                        f"does not fit: the session holds {cache.length} of max {cache.max_length}")
+                output = await self._run(step.hidden_states, opening.start, opening.end, step.position, cache)
+                for frame in _response_frames(StepResult(step_id=step.step_id, hidden_states=output)):
+                    yield frame
+        except ProtocolError as error:
+            logger.warning(f"refused a request from {context.remote_id}: {error}")
+            for frame in _response_frames(ErrorReply(message=str(error))):
+                yield frame
+        except Exception as error:
+            logger.exception(f"inference failed for {context.remote_id}")
+            for frame in _response_frames(ErrorReply(message=f"peer failed: {type(error).__name__}: {error}",
+                                                     retryable=True)):
+                yield frame
+        finally:
+            if session_id is not None:
+                cache = self.sessions.pop(session_id)
+                self.cache_bytes_used -= cache.nbytes
+                logger.info(f"session {session_id} closed ({len(self.sessions)} open)")
+
+    def _open_cache(self, opening: OpenSession) -> AttentionCache:
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise ProtocolError(f"peer is full: {len(self.sessions)} sessions open (limit {self.limits.max_sessions})")
+        if not 0 < opening.max_length <= self.limits.max_session_length:
+            raise ProtocolError(f"max_length {opening.max_length} is outside 1..{self.limits.max_session_length}")
+        if not 0 < opening.batch_size <= 64:
+            raise ProtocolError(f"batch size {opening.batch_size} is outside 1..64")
+        needed = opening.batch_size * opening.max_length * self.blocks.cache_bytes_per_token(opening.start, opening.end)
+        if self.cache_bytes_used + needed > self.limits.cache_bytes:
+            raise ProtocolError(f"not enough attention cache memory left for max_length {opening.max_length}")
+        cache = self.blocks.new_cache(opening.start, opening.end, opening.batch_size, opening.max_length)
+        self.cache_bytes_used += cache.nbytes
+        return cache
+
+    async def rpc_forward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                          context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        try:
+            request = await anext(_messages(requests, self.limits.max_message_bytes), None)
+            if not isinstance(request, Forward):
+                raise ProtocolError("expected a forward message")
+            self._check_span(request.model, request.fingerprint, request.start, request.end, request.protocol_version)
+            self._check_hidden(request.hidden_states)
+            if request.hidden_states.shape[1] > self.limits.max_session_length:
+                raise ProtocolError(f"{request.hidden_states.shape[1]} tokens exceed the limit of "
+                                    f"{self.limits.max_session_length}")
+            output = await self._run(request.hidden_states, request.start, request.end)
+            reply: Message = ForwardResult(hidden_states=output)
+        except ProtocolError as error:
+            logger.warning(f"refused a forward from {context.remote_id}: {error}")
+            reply = ErrorReply(message=str(error))
+        except Exception as error:
+            logger.exception(f"forward failed for {context.remote_id}")
+            reply = ErrorReply(message=f"peer failed: {type(error).__name__}: {error}", retryable=True)
+        for frame in _response_frames(reply):
+            yield frame
+
+
+async def _messages(requests: AsyncIterator[runtime_pb2.ExpertRequest], max_bytes: int) -> AsyncIterator[Message]:
+    joiner = FrameJoiner(max_bytes)
+    async for request in requests:
+        message = joiner.push(request.metadata)
+        if message is not None:
+            yield message
+
+
+def _response_frames(message: Message) -> list[runtime_pb2.ExpertResponse]:
+    return [runtime_pb2.ExpertResponse(metadata=frame) for frame in to_frames(message)]

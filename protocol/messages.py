@@ -1,0 +1,255 @@
+"""RPC messages between clients and peers, their tensors, and their framing under the 4 MiB cap.
+
+A message is a frozen dataclass; on the wire it is a msgpack map with a `type` field; readers
+ignore fields they do not know. A tensor travels as (dtype, shape, raw little-endian bytes).
+An encoded message larger than one frame is split into several frames, which the receiver
+joins (`FrameJoiner`) before decoding. Frames ride in hivemind's `ExpertRequest.metadata` /
+`ExpertResponse.metadata`, so hivemind's P2P carries them unary or streaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Iterator
+
+import msgpack
+import numpy as np
+import torch
+
+from protocol import FRAME_PAYLOAD_BYTES, PROTOCOL_VERSION
+
+INFERENCE_RPC = f"swarm.v{PROTOCOL_VERSION}.inference"  # bidirectional stream: open, then steps
+FORWARD_RPC = f"swarm.v{PROTOCOL_VERSION}.forward"  # one forward message in, one result out
+
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be read or is not allowed; its text goes back to the sender."""
+
+
+# ---------------------------------------------------------------------------- tensors
+
+
+def tensor_to_wire(tensor: torch.Tensor) -> dict[str, Any]:
+    tensor = tensor.detach().cpu().contiguous()
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if dtype not in WIRE_DTYPES:
+        raise ProtocolError(f"dtype {dtype} cannot be sent; use one of {sorted(WIRE_DTYPES)}")
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: send its bits
+        data = tensor.view(torch.int16).numpy().tobytes()
+    else:
+        data = tensor.numpy().tobytes()
+    return {"dtype": dtype, "shape": list(tensor.shape), "data": data}
+
+
+def tensor_from_wire(wire: Any) -> torch.Tensor:
+    try:
+        dtype, shape, data = wire["dtype"], [int(size) for size in wire["shape"]], wire["data"]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ProtocolError("malformed tensor: expected dtype, shape and data") from error
+    if dtype not in WIRE_DTYPES:
+        raise ProtocolError(f"unsupported tensor dtype {dtype!r}; use one of {sorted(WIRE_DTYPES)}")
+    torch_dtype = WIRE_DTYPES[dtype]
+    expected = int(np.prod(shape, dtype=np.int64)) * torch_dtype.itemsize
+    if any(size < 0 for size in shape) or not isinstance(data, bytes) or len(data) != expected:
+        raise ProtocolError(f"tensor data has {len(data) if isinstance(data, bytes) else '?'} bytes, "
+                            f"shape {shape} of {dtype} needs {expected}")
+    if torch_dtype == torch.bfloat16:
+        array = np.frombuffer(data, dtype=np.int16).reshape(shape)
+        return torch.from_numpy(array.copy()).view(torch.bfloat16)
+    array = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
+    return torch.from_numpy(array.copy())
+
+
+# ---------------------------------------------------------------------------- messages
+
+_MESSAGE_TYPES: dict[str, type[Message]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    type_name: ClassVar[str] = ""
+    tensor_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _MESSAGE_TYPES[cls.type_name] = cls
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"type": self.type_name}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in self.tensor_fields and value is not None:
+                value = tensor_to_wire(value)
+            wire[field.name] = value
+        return wire
+
+    @classmethod
+    def from_wire_fields(cls, wire: dict[str, Any]) -> Message:
+        fields = {}
+        for field in dataclasses.fields(cls):
+            if field.name not in wire:
+                if field.default is dataclasses.MISSING:
+                    raise ProtocolError(f"{cls.type_name} message misses field {field.name!r}")
+                continue
+            value = wire[field.name]
+            if field.name in cls.tensor_fields and value is not None:
+                value = tensor_from_wire(value)
+            fields[field.name] = value
+        message = cls(**fields)
+        message.check()
+        return message
+
+    def check(self) -> None:
+        """Type checks on received fields; raise ProtocolError."""
+
+
+def _require_int(message: Message, *names: str) -> None:
+    for name in names:
+        value = getattr(message, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ProtocolError(f"{message.type_name}.{name} must be a non-negative integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenSession(Message):
+    """First message of an inference stream: which blocks of which model, and how long at most."""
+
+    type_name: ClassVar[str] = "open"
+    model: str
+    fingerprint: str
+    start: int
+    end: int
+    max_length: int
+    batch_size: int = 1
+    protocol_version: int = PROTOCOL_VERSION
+
+    def check(self) -> None:
+        _require_int(self, "start", "end", "max_length", "batch_size", "protocol_version")
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionOpened(Message):
+    type_name: ClassVar[str] = "opened"
+    session_id: str
+    max_length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Step(Message):
+    """New positions of a session: hidden states [batch, new_tokens, hidden] starting at `position`.
+
+    A `position` below what the peer holds rolls its cache back to it (replays and rollbacks)."""
+
+    type_name: ClassVar[str] = "step"
+    tensor_fields: ClassVar[tuple[str, ...]] = ("hidden_states",)
+    step_id: int
+    position: int
+    hidden_states: torch.Tensor
+
+    def check(self) -> None:
+        _require_int(self, "step_id", "position")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult(Message):
+    type_name: ClassVar[str] = "step_result"
+    tensor_fields: ClassVar[tuple[str, ...]] = ("hidden_states",)
+    step_id: int
+    hidden_states: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward(Message):
+    """One-shot forward of whole sequences through blocks start:end, no cache kept."""
+
+    type_name: ClassVar[str] = "forward"
+    tensor_fields: ClassVar[tuple[str, ...]] = ("hidden_states",)
+    model: str
+    fingerprint: str
+    start: int
+    end: int
+    hidden_states: torch.Tensor
+    protocol_version: int = PROTOCOL_VERSION
+
+    def check(self) -> None:
+        _require_int(self, "start", "end", "protocol_version")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardResult(Message):
+    type_name: ClassVar[str] = "forward_result"
+    tensor_fields: ClassVar[tuple[str, ...]] = ("hidden_states",)
+    hidden_states: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorReply(Message):
+    """The peer refused or failed a request; `message` is one line meant for a person."""
+
+    type_name: ClassVar[str] = "error"
+    message: str
+    retryable: bool = False
+
+
+def encode(message: Message) -> bytes:
+    return msgpack.packb(message.to_wire(), use_bin_type=True)
+
+
+def decode(data: bytes) -> Message:
+    try:
+        wire = msgpack.unpackb(data, raw=False)
+    except Exception as error:
+        raise ProtocolError(f"undecodable message ({type(error).__name__})") from error
+    if not isinstance(wire, dict) or wire.get("type") not in _MESSAGE_TYPES:
+        raise ProtocolError(f"unknown message type {wire.get('type') if isinstance(wire, dict) else None!r}")
+    return _MESSAGE_TYPES[wire["type"]].from_wire_fields(wire)
+
+
+# ---------------------------------------------------------------------------- framing
+
+
+def to_frames(message: Message, frame_bytes: int = FRAME_PAYLOAD_BYTES) -> list[bytes]:
+    """Encode a message as one or more frames, each small enough for one P2P message."""
+    payload = encode(message)
+    count = max(1, -(-len(payload) // frame_bytes))
+    return [
+        msgpack.packb([index, count, payload[index * frame_bytes : (index + 1) * frame_bytes]], use_bin_type=True)
+        for index in range(count)
+    ]
+
+
+class FrameJoiner:
+    """Joins frames back into messages; `push` returns a message once its last frame arrived."""
+
+    def __init__(self, max_message_bytes: int):
+        self.max_message_bytes = max_message_bytes
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def push(self, frame: bytes) -> Message | None:
+        try:
+            index, count, part = msgpack.unpackb(frame, raw=False)
+        except Exception as error:
+            raise ProtocolError(f"undecodable frame ({type(error).__name__})") from error
+        if not (isinstance(index, int) and isinstance(count, int) and isinstance(part, bytes)):
+            raise ProtocolError("malformed frame")
+        if index != len(self._parts) or not 0 <= index < count:
+            raise ProtocolError(f"frame {index} of {count} arrived out of order")
+        self._size += len(part)
+        if self._size > self.max_message_bytes:
+            raise ProtocolError(f"message exceeds the peer's limit of {self.max_message_bytes} bytes")
+        self._parts.append(part)
+        if index + 1 < count:
+            return None
+        payload, self._parts, self._size = b"".join(self._parts), [], 0
+        return decode(payload)
+
+
+def iterate_messages(frames: Iterator[bytes], max_message_bytes: int) -> Iterator[Message]:
+    joiner = FrameJoiner(max_message_bytes)
+    for frame in frames:
+        message = joiner.push(frame)
+        if message is not None:
+            yield message

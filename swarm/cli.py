@@ -1,0 +1,175 @@
+"""The `swarm` command. Results go to stdout; diagnostics and logs go to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Sequence
+
+from protocol.network import NetworkOptions
+
+logger = logging.getLogger("swarm")
+
+
+def _network_arguments(parser: argparse.ArgumentParser, client: bool = False) -> None:
+    parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
+                        help="multiaddrs of peers already in the swarm (what `swarm dht` printed)")
+    if client:
+        return
+    parser.add_argument("--host-maddrs", nargs="*", default=["/ip4/127.0.0.1/tcp/0"], metavar="MADDR",
+                        help="where to listen (default: loopback only; /ip4/0.0.0.0/tcp/PORT for others to reach you)")
+    parser.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR",
+                        help="addresses others should dial (behind NAT or in containers)")
+    parser.add_argument("--identity", metavar="FILE", help="private key file: keeps the peer id across restarts")
+    parser.add_argument("--nat-port-map", action="store_true",
+                        help="ask the LAN gateway for a port mapping (UPnP/NAT-PMP); off by default")
+
+
+def _network(arguments: argparse.Namespace) -> NetworkOptions:
+    return NetworkOptions(host_maddrs=tuple(arguments.host_maddrs), announce_maddrs=tuple(arguments.announce_maddrs),
+                          identity_path=arguments.identity, nat_port_map=arguments.nat_port_map)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm", description="Run and use language models served by a swarm of peers.")
+    parser.add_argument("--log-level", default=os.environ.get("SWARM_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dht = commands.add_parser("dht", help="run a bootstrap peer; prints its multiaddrs")
+    _network_arguments(dht)
+
+    peer = commands.add_parser("peer", help="serve a span of a model's blocks")
+    peer.add_argument("model", help="smollm2-135m, a .gguf file, or a local Hugging Face folder")
+    peer.add_argument("--blocks", metavar="A:B", help="serve blocks A..B-1 (default: all)")
+    peer.add_argument("--cache-dir", help="block cache folder (default: ~/.cache/swarm or $SWARM_CACHE_DIR)")
+    peer.add_argument("--throughput", type=float, help="announce this many tokens/s instead of measuring")
+    peer.add_argument("--public-name", default="", help="a name shown in `swarm status`")
+    peer.add_argument("--announce-period", type=float, default=15.0, help="seconds between DHT announcements")
+    peer.add_argument("--record-expiry", type=float, default=45.0, help="seconds a record lives unless renewed")
+    _network_arguments(peer)
+
+    generate = commands.add_parser("generate", help="generate text through the swarm (streams to stdout)")
+    generate.add_argument("model")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    generate.add_argument("--temperature", type=float, help="sample at this temperature (0 or none: greedy)")
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--verbose", action="store_true", help="print the route on stderr")
+    generate.add_argument("--cache-dir")
+    _network_arguments(generate, client=True)
+
+    status = commands.add_parser("status", help="show the swarm map of a model")
+    status.add_argument("model")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--cache-dir")
+    _network_arguments(status, client=True)
+
+    demo = commands.add_parser("demo", help="start a local swarm on loopback, chat through it, stop it")
+    demo.add_argument("--prompt", default="What is the capital of France?")
+    demo.add_argument("--peers", type=int, default=3)
+    demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.add_argument("--cache-dir")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    logging.basicConfig(level=arguments.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("hivemind", "transformers", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return _COMMANDS[arguments.command](arguments)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # a clear line instead of a traceback; --log-level DEBUG shows it
+        logger.debug("failed", exc_info=True)
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _dht(arguments: argparse.Namespace) -> int:
+    from peers.bootstrap import run_bootstrap
+
+    return run_bootstrap(_network(arguments), tuple(arguments.initial_peers))
+
+
+def _peer(arguments: argparse.Namespace) -> int:
+    from peers.server import AnnounceOptions, PeerOptions, parse_blocks, run_peer
+
+    options = PeerOptions(
+        model=arguments.model, blocks=parse_blocks(arguments.blocks) if arguments.blocks else None,
+        initial_peers=tuple(arguments.initial_peers), network=_network(arguments), cache_dir=arguments.cache_dir,
+        announce=AnnounceOptions(period=arguments.announce_period, expiry=arguments.record_expiry,
+                                 public_name=arguments.public_name),
+        throughput=arguments.throughput,
+    )
+    return run_peer(options)
+
+
+def _generate(arguments: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from swarm.model import DistributedModelForCausalLM
+
+    if arguments.seed is not None:
+        torch.manual_seed(arguments.seed)
+    with DistributedModelForCausalLM.from_pretrained(arguments.model, arguments.initial_peers,
+                                                     cache_dir=arguments.cache_dir) as model:
+        tokenizer = model.tokenizer()
+        input_ids = encode_prompt(tokenizer, arguments.prompt, arguments.chat)
+        sampling = {}
+        if arguments.temperature:
+            sampling = dict(do_sample=True, temperature=arguments.temperature)
+            if arguments.top_p is not None:
+                sampling["top_p"] = arguments.top_p
+            if arguments.top_k is not None:
+                sampling["top_k"] = arguments.top_k
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        with model.inference_session(max_length=input_ids.shape[1] + arguments.max_new_tokens) as session:
+            if arguments.verbose:
+                print_route(session.route)
+            model.generate(input_ids, max_new_tokens=arguments.max_new_tokens, session=session, streamer=streamer,
+                           **sampling)
+    return 0
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool):
+    if chat:
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)
+        return encoded["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def print_route(route) -> None:
+    hops = " -> ".join(f"{peer_id[-8:]}[{start}:{end}]" for peer_id, start, end in route)
+    print(f"route: {hops}", file=sys.stderr, flush=True)
+
+
+def _status(arguments: argparse.Namespace) -> int:
+    from swarm.status import swarm_status, format_status
+
+    report = swarm_status(arguments.model, arguments.initial_peers, cache_dir=arguments.cache_dir)
+    print(json.dumps(report) if arguments.json else format_status(report), flush=True)
+    return 0
+
+
+def _demo(arguments: argparse.Namespace) -> int:
+    from swarm.demo import run_demo
+
+    return run_demo(prompt=arguments.prompt, num_peers=arguments.peers, max_new_tokens=arguments.max_new_tokens,
+                    cache_dir=arguments.cache_dir)
+
+
+_COMMANDS = {"dht": _dht, "peer": _peer, "generate": _generate, "status": _status, "demo": _demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

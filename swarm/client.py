@@ -1,0 +1,162 @@
+"""The client's connection to the swarm: its own P2P and DHT node on a background event loop,
+and a view of a model's peers that refreshes in the background (never in the token loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Awaitable, Sequence
+
+import uvloop
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
+
+from protocol import PROTOCOL_VERSION
+from protocol.network import NetworkOptions, start_p2p
+from protocol.records import ModelIdentity, PeerRecord, RecordError
+from protocol.signing import RecordValidator
+from swarm.routing import coverage
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmConnectionError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientOptions:
+    initial_peers: tuple[str, ...]
+    network: NetworkOptions = NetworkOptions(client_mode=True)
+    refresh_period: float = 3.0  # seconds between background DHT reads of the swarm map
+    connect_timeout: float = 60.0
+    step_timeout: float = 60.0  # a step unanswered for this long fails
+
+
+class SwarmClient:
+    """Owns a background thread running an event loop with this client's P2P and DHT node."""
+
+    def __init__(self, options: ClientOptions):
+        if not options.initial_peers:
+            raise SwarmConnectionError("no initial peers given: pass the multiaddrs `swarm dht` printed "
+                                       "(--initial-peers /ip4/.../tcp/.../p2p/...)")
+        self.options = options
+        self.loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-client", daemon=True)
+        self._thread.start()
+        self.p2p: P2P | None = None
+        self.dht: DHTNode | None = None
+        try:
+            self.run(self._start(), timeout=options.connect_timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    async def _start(self) -> None:
+        self.p2p = await start_p2p(self.options.network, self.options.initial_peers)
+        try:
+            self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=list(self.options.initial_peers),
+                                            client_mode=True, record_validator=RecordValidator())
+        except Exception as error:
+            raise SwarmConnectionError(
+                f"none of the initial peers answered ({', '.join(self.options.initial_peers)}): check the "
+                f"addresses and that `swarm dht` is running ({type(error).__name__}: {error})") from None
+
+    def run(self, coroutine: Awaitable[Any], timeout: float | None = None) -> Any:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"the swarm did not answer within {timeout} s") from None
+
+    def shutdown(self) -> None:
+        if self.loop.is_closed():
+            return
+
+        async def stop() -> None:
+            if self.dht is not None:
+                await self.dht.shutdown()
+            if self.p2p is not None:
+                await self.p2p.shutdown()
+
+        if self._thread.is_alive():
+            try:
+                self.run(stop(), timeout=15)
+            except Exception as error:
+                logger.debug(f"client shutdown: {error}")
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+    async def fetch_records(self, identity: ModelIdentity) -> list[PeerRecord]:
+        found = await self.dht.get(identity.dht_key, latest=True)
+        records = []
+        if found is None or not isinstance(found.value, dict):
+            return records
+        for subkey, item in found.value.items():
+            try:
+                record = PeerRecord.from_wire(item.value)
+            except RecordError as error:
+                logger.warning(f"skipping an unreadable peer record: {error}")
+                continue
+            if record.protocol_version != PROTOCOL_VERSION:
+                logger.warning(f"skipping peer {record.peer_id}: it speaks protocol {record.protocol_version}, "
+                               f"this client {PROTOCOL_VERSION}")
+                continue
+            if (record.model, record.fingerprint) != (identity.name, identity.fingerprint):
+                continue
+            records.append(record)
+        return records
+
+
+class SwarmView:
+    """The latest known records of one model's peers, refreshed every `refresh_period`."""
+
+    def __init__(self, client: SwarmClient, identity: ModelIdentity, num_blocks: int):
+        self.client, self.identity, self.num_blocks = client, identity, num_blocks
+        self.records: list[PeerRecord] = []
+        self.updated_at = 0.0
+        self._refresh_task = client.run(self._start())
+
+    async def _start(self) -> asyncio.Task:
+        return asyncio.create_task(self._refresh_forever())
+
+    async def refresh(self) -> list[PeerRecord]:
+        self.records = await self.client.fetch_records(self.identity)
+        self.updated_at = time.monotonic()
+        return self.records
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception as error:
+                logger.warning(f"could not refresh the swarm map: {error}")
+            await asyncio.sleep(self.client.options.refresh_period)
+
+    async def wait_for_coverage(self, timeout: float) -> list[PeerRecord]:
+        """The records, once every block has an online peer or the timeout passed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            records = await self.refresh()
+            if all(coverage(records, self.num_blocks)) or time.monotonic() >= deadline:
+                return records
+            await asyncio.sleep(min(0.5, self.client.options.refresh_period))
+
+    def close(self) -> None:
+        self.client.loop.call_soon_threadsafe(self._refresh_task.cancel)
+
+
+def expiration_left(expiration_time: float) -> float:
+    return expiration_time - get_dht_time()
+
+
+def connect(initial_peers: Sequence[str], **options: Any) -> SwarmClient:
+    return SwarmClient(ClientOptions(initial_peers=tuple(initial_peers), **options))
