@@ -37,10 +37,9 @@ class ServingLimits:
 
 
 class BlockService:
-    def __init__(self, identity: ModelIdentity, blocks: BlockSpan, limits: ServingLimits):
+    def __init__(self, identity: ModelIdentity, blocks: BlockSpan, limits: ServingLimits, compute: ThreadPoolExecutor):
         self.identity, self.blocks, self.limits = identity, blocks, limits
-        # one compute thread: torch releases the GIL, the event loop keeps serving the network
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.compute = compute  # the peer's single torch thread (see peers.server.Peer)
         self.sessions: dict[str, AttentionCache] = {}
         self.cache_bytes_used = 0
 
@@ -87,7 +86,7 @@ class BlockService:
             if not isinstance(opening, OpenSession):
                 raise ProtocolError("an inference stream must start with an open message")
             self._check_span(opening.model, opening.fingerprint, opening.start, opening.end, opening.protocol_version)
-            cache = self._open_cache(opening)
+            cache = await self._open_cache(opening)
             session_id = secrets.token_hex(8)
             self.sessions[session_id] = cache
             logger.info(f"session {session_id} opened by {context.remote_id}: blocks {opening.start}:{opening.end}, "
@@ -119,7 +118,7 @@ class BlockService:
                 self.cache_bytes_used -= cache.nbytes
                 logger.info(f"session {session_id} closed ({len(self.sessions)} open)")
 
-    def _open_cache(self, opening: OpenSession) -> AttentionCache:
+    async def _open_cache(self, opening: OpenSession) -> AttentionCache:
         if len(self.sessions) >= self.limits.max_sessions:
             raise ProtocolError(f"peer is full: {len(self.sessions)} sessions open (limit {self.limits.max_sessions})")
         if not 0 < opening.max_length <= self.limits.max_session_length:
@@ -129,9 +128,14 @@ class BlockService:
         needed = opening.batch_size * opening.max_length * self.blocks.cache_bytes_per_token(opening.start, opening.end)
         if self.cache_bytes_used + needed > self.limits.cache_bytes:
             raise ProtocolError(f"not enough attention cache memory left for max_length {opening.max_length}")
-        cache = self.blocks.new_cache(opening.start, opening.end, opening.batch_size, opening.max_length)
-        self.cache_bytes_used += cache.nbytes
-        return cache
+        self.cache_bytes_used += needed  # reserved before the await: concurrent opens see it
+        try:
+            # allocated on the compute thread: torch on a second thread costs the peer half its speed
+            return await asyncio.get_running_loop().run_in_executor(
+                self.compute, self.blocks.new_cache, opening.start, opening.end, opening.batch_size, opening.max_length)
+        except BaseException:
+            self.cache_bytes_used -= needed
+            raise
 
     async def rpc_forward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                           context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:

@@ -181,6 +181,12 @@ def _repo_path() -> str:
     return os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 
+def load_full_model(spec: str):
+    """The whole model with plain transformers, for conversion and as the local reference."""
+    source = resolve_model(spec)
+    return _load_full_model(source.kind, source.path)
+
+
 def _load_full_model(kind: str, path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

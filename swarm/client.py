@@ -9,12 +9,11 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Awaitable, Sequence
+from typing import Any, Awaitable
 
 import uvloop
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
-from hivemind.utils import get_dht_time
 
 from protocol import PROTOCOL_VERSION
 from protocol.network import NetworkOptions, start_p2p
@@ -151,12 +150,9 @@ class SwarmView:
             await asyncio.sleep(min(0.5, self.client.options.refresh_period))
 
     def close(self) -> None:
-        self.client.loop.call_soon_threadsafe(self._refresh_task.cancel)
+        async def cancel() -> None:
+            self._refresh_task.cancel()
+            await asyncio.gather(self._refresh_task, return_exceptions=True)
 
-
-def expiration_left(expiration_time: float) -> float:
-    return expiration_time - get_dht_time()
-
-
-def connect(initial_peers: Sequence[str], **options: Any) -> SwarmClient:
-    return SwarmClient(ClientOptions(initial_peers=tuple(initial_peers), **options))
+        if not self.client.loop.is_closed():
+            self.client.run(cancel(), timeout=10)

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import GenerationConfig
-from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
+                                                    RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
 
 if TYPE_CHECKING:
     from swarm.model import DistributedModelForCausalLM
@@ -31,8 +32,10 @@ def _settings(model: DistributedModelForCausalLM, generation_config: GenerationC
     return config
 
 
-def _warpers(config: GenerationConfig) -> LogitsProcessorList:
+def _warpers(config: GenerationConfig, prompt_length: int, eos_ids: list[int]) -> LogitsProcessorList:
     processors = LogitsProcessorList()
+    if config.min_new_tokens and eos_ids:
+        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos_ids))
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
     if config.do_sample:
@@ -61,7 +64,6 @@ def generate(model: DistributedModelForCausalLM, input_ids: torch.Tensor, sessio
         max_new_tokens = max(0, (config.max_length or 20) - input_ids.shape[1])
     eos_ids = _eos_ids(config)
     pad_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    warpers = _warpers(config)
     batch_size = input_ids.shape[0]
     history = session.token_ids if session is not None and session.token_ids is not None else None
     if history is not None and input_ids.shape[1] >= history.shape[1] and torch.equal(
@@ -71,6 +73,7 @@ def generate(model: DistributedModelForCausalLM, input_ids: torch.Tensor, sessio
     else:
         new_ids = input_ids
         sequence = input_ids if history is None else torch.cat([history, input_ids], dim=1)
+    warpers = _warpers(config, sequence.shape[1], eos_ids)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     generated = input_ids
