@@ -7,6 +7,10 @@ Prints a markdown table (the README's).  Run: .venv/bin/python bench/inference.p
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")  # as the swarm CLI sets it (see swarm/cli.py), for all
+
 import argparse
 import statistics
 import sys

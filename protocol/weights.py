@@ -195,7 +195,10 @@ def _load_full_model(kind: str, path: Path):
     else:
         arguments = dict(pretrained_model_name_or_path=path)
     model = AutoModelForCausalLM.from_pretrained(**arguments, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(**arguments)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(**arguments)
+    except (OSError, ValueError, TypeError):  # a folder without tokenizer files still serves token ids
+        tokenizer = None
     return model, tokenizer
 
 
@@ -226,7 +229,8 @@ def _convert(kind: str, source_path: Path, destination: Path) -> None:
     hashes.update({f"client.{name}": tensor_sha256(tensor) for name, tensor in client.items()})
     save_file(client, destination / "client.safetensors")
     config.save_pretrained(destination)
-    tokenizer.save_pretrained(destination)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(destination)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(destination)
     manifest = {
