@@ -83,6 +83,11 @@ class SwarmClient:
                 await self.dht.shutdown()
             if self.p2p is not None:
                 await self.p2p.shutdown()
+            # hivemind leaves some background tasks (cache refresh) pending: end them quietly
+            others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         if self._thread.is_alive():
             try:

@@ -1,0 +1,73 @@
+"""The block span against the whole transformers model it came from: same numbers."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from peers.blocks import BlockSpan
+from protocol.weights import open_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama, tmp_path_factory):
+    store = open_model(str(tiny_llama), tmp_path_factory.mktemp("cache"))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    return store, reference
+
+
+def logits_through(reference, hidden):
+    return reference.lm_head(reference.model.norm(hidden))
+
+
+def test_full_forward_matches_transformers(tiny):
+    store, reference = tiny
+    ids = torch.randint(3, 300, (2, 11))
+    blocks = BlockSpan(store, 0, store.num_blocks)
+    hidden = blocks(reference.model.embed_tokens(ids).detach(), 0, store.num_blocks)
+    with torch.no_grad():
+        expected = reference(ids).logits
+    torch.testing.assert_close(logits_through(reference, hidden), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_spans_chained_equal_one(tiny):
+    store, reference = tiny
+    embeddings = reference.model.embed_tokens(torch.randint(3, 300, (1, 9))).detach()
+    whole = BlockSpan(store, 0, 4)(embeddings, 0, 4)
+    first, second = BlockSpan(store, 0, 2), BlockSpan(store, 2, 4)
+    torch.testing.assert_close(second(first(embeddings, 0, 2), 2, 4), whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole[:, :, :], BlockSpan(store, 0, 4)(embeddings, 0, 4))
+    assert len(first.layers) == 2  # only the blocks asked for are loaded
+
+
+def test_cached_steps_equal_full_forward_including_multi_token_steps_and_rollback(tiny):
+    store, reference = tiny
+    blocks = BlockSpan(store, 0, 4)
+    embeddings = reference.model.embed_tokens(torch.randint(3, 300, (1, 12))).detach()
+    full = blocks(embeddings, 0, 4)
+    cache = blocks.new_cache(0, 4, 1, 16)
+    pieces = [blocks(embeddings[:, :5], 0, 4, 0, cache)]  # prefill
+    pieces += [blocks(embeddings[:, 5:6], 0, 4, 5, cache)]  # one token
+    pieces += [blocks(embeddings[:, 6:9], 0, 4, 6, cache)]  # several tokens after a prefix
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full[:, :9], rtol=1e-5, atol=1e-5)
+    blocks(torch.randn(1, 2, 64), 0, 4, 9, cache)  # junk at 9..10, then roll back to 9
+    rest = blocks(embeddings[:, 9:12], 0, 4, 9, cache)
+    torch.testing.assert_close(rest, full[:, 9:12], rtol=1e-5, atol=1e-5)
+    assert cache.length == 12
+
+
+def test_sub_span_of_a_loaded_span(tiny):
+    store, reference = tiny
+    blocks = BlockSpan(store, 0, 4)
+    embeddings = reference.model.embed_tokens(torch.randint(3, 300, (1, 6))).detach()
+    torch.testing.assert_close(blocks(blocks(embeddings, 0, 1), 1, 4), blocks(embeddings, 0, 4))
+
+
+def test_out_of_range_spans_are_refused(tiny):
+    store, _ = tiny
+    with pytest.raises(ValueError, match="out of range"):
+        BlockSpan(store, 2, 9)
+    cache = BlockSpan(store, 0, 1).new_cache(0, 1, 1, 4)
+    with pytest.raises(ValueError, match="max_length"):
+        cache.begin_step(0, 5)
+    with pytest.raises(ValueError, match="holds 0"):
+        cache.begin_step(1, 1)

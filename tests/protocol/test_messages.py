@@ -1,0 +1,70 @@
+import msgpack
+import pytest
+import torch
+
+from protocol import MAX_MESSAGE_BYTES
+from protocol.messages import (ErrorReply, FrameJoiner, OpenSession, ProtocolError, Step, decode, encode,
+                               tensor_from_wire, tensor_to_wire, to_frames)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_tensor_round_trip(dtype):
+    tensor = torch.randn(2, 3, 5).to(dtype)
+    assert torch.equal(tensor_from_wire(tensor_to_wire(tensor)), tensor)
+
+
+def test_tensor_with_wrong_byte_count_or_dtype_is_refused():
+    wire = tensor_to_wire(torch.zeros(2, 4))
+    with pytest.raises(ProtocolError, match="needs 32"):
+        tensor_from_wire({**wire, "data": wire["data"][:-4]})
+    with pytest.raises(ProtocolError, match="unsupported tensor dtype"):
+        tensor_from_wire({**wire, "dtype": "int64"})
+    with pytest.raises(ProtocolError):
+        tensor_from_wire({"shape": [1]})
+
+
+def test_message_round_trip_keeps_fields_and_tensor():
+    step = Step(step_id=3, position=7, hidden_states=torch.randn(1, 2, 8))
+    decoded = decode(encode(step))
+    assert isinstance(decoded, Step) and decoded.position == 7 and torch.equal(decoded.hidden_states, step.hidden_states)
+
+
+def test_unknown_fields_are_ignored_and_missing_ones_named():
+    wire = msgpack.unpackb(encode(ErrorReply(message="x")))
+    wire["from_the_future"] = 1
+    assert decode(msgpack.packb(wire)) == ErrorReply(message="x")
+    with pytest.raises(ProtocolError, match="max_length"):
+        decode(msgpack.packb({"type": "open", "model": "m", "fingerprint": "f", "start": 0, "end": 1}))
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\xff\x00garbage", msgpack.packb([1, 2]), msgpack.packb({"type": "nope"})])
+def test_garbage_is_a_protocol_error(garbage):
+    with pytest.raises(ProtocolError):
+        decode(garbage)
+    with pytest.raises(ProtocolError):
+        FrameJoiner(1 << 20).push(garbage)
+
+
+def test_negative_or_non_integer_fields_refused():
+    with pytest.raises(ProtocolError, match="non-negative"):
+        decode(encode(OpenSession(model="m", fingerprint="f", start=-1, end=2, max_length=4)))
+
+
+def test_large_message_is_framed_under_the_cap_and_joined():
+    hidden = torch.randn(1, 4000, 576)  # 9.2 MB: more than two 4 MiB messages
+    frames = to_frames(Step(step_id=1, position=0, hidden_states=hidden))
+    assert len(frames) >= 3 and all(len(frame) < MAX_MESSAGE_BYTES for frame in frames)
+    joiner = FrameJoiner(64 << 20)
+    results = [joiner.push(frame) for frame in frames]
+    assert results[:-1] == [None] * (len(frames) - 1)
+    assert torch.equal(results[-1].hidden_states, hidden)
+
+
+def test_joined_size_limit_and_order_enforced():
+    frames = to_frames(Step(step_id=1, position=0, hidden_states=torch.randn(1, 2000, 576)))
+    with pytest.raises(ProtocolError, match="limit"):
+        joiner = FrameJoiner(1 << 20)
+        for frame in frames:
+            joiner.push(frame)
+    with pytest.raises(ProtocolError, match="out of order"):
+        FrameJoiner(64 << 20).push(frames[1])
