@@ -141,9 +141,11 @@ class Peer:
         )
 
     async def _announce(self, node: DHTNode) -> None:
-        expiry = self.options.announce.expiry if self.state != "offline" else self.options.announce.period
+        # the DHT keeps whichever value expires last, so even the offline record must outlive the
+        # previous one; clients skip it and it disappears at its expiry
         stored = await node.store(self.store.identity.dht_key, subkey=self.record_identity.owner_subkey,
-                                  value=self.record().to_wire(), expiration_time=get_dht_time() + expiry)
+                                  value=self.record().to_wire(),
+                                  expiration_time=get_dht_time() + self.options.announce.expiry)
         if not stored:
             logger.warning("could not store this peer's record in the DHT; will retry at the next announcement")
 
