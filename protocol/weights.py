@@ -149,7 +149,7 @@ def open_model(spec: str, cache_dir: str | Path | None = None) -> ModelStore:
     source = resolve_model(spec)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    entry = root / f"{source.name}-{source_digest(source)}"
+    entry = root / f"{source.kind}-{source_digest(source)}"  # by content: one conversion per weights
     if not (entry / "manifest.json").is_file():
         with open(root / f"{entry.name}.lock", "w") as lock:
             if not (entry / "manifest.json").is_file():
