@@ -23,9 +23,10 @@ from hivemind.utils import get_dht_time
 from peers.blocks import BlockSpan
 from peers.service import BlockService, ServingLimits
 from protocol.network import NetworkOptions, start_p2p
-from protocol.records import PeerRecord, PeerState
+from protocol.records import PeerRecord, PeerState, parse_peer_records
 from protocol.signing import RecordIdentity, RecordValidator
 from protocol.weights import ModelStore, open_model
+from swarm.balancing import choose_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class PeerOptions:
     model: str
     blocks: tuple[int, int] | None
     initial_peers: tuple[str, ...]
+    num_blocks: int | None = None  # with no blocks: how many to take where the swarm is weakest
     network: NetworkOptions = NetworkOptions()
     announce: AnnounceOptions = AnnounceOptions()
     limits: ServingLimits = ServingLimits()
@@ -57,6 +59,20 @@ def parse_blocks(text: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"--blocks takes A:B (for example 0:15), got {text!r}") from None
     return start, end
+
+
+def available_memory_bytes() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("cannot read MemAvailable from /proc/meminfo")
+
+
+def blocks_that_fit(store: ModelStore, available_bytes: int, share: float = 0.5) -> int:
+    """How many blocks to serve from free memory: half of what is available, leaving the rest to the
+    attention caches, the process itself and the machine's owner."""
+    per_block = max(store.block_bytes(index) for index in range(store.num_blocks))
+    return max(1, min(store.num_blocks, int(available_bytes * share // per_block)))
 
 
 def measure_throughput(blocks: BlockSpan, repeats: int = 3) -> float:
@@ -93,10 +109,13 @@ class Peer:
             loop.add_signal_handler(signum, self._stop.set)
         options = self.options
         store = self.store = await self._in_compute_thread(open_model, options.model, options.cache_dir)
-        start, end = options.blocks if options.blocks is not None else (0, store.num_blocks)
-        if not 0 <= start < end <= store.num_blocks:
-            raise ValueError(f"--blocks {start}:{end} is out of range: {store.identity.name} has "
-                             f"{store.num_blocks} blocks, so use A:B with 0 <= A < B <= {store.num_blocks}")
+        if options.blocks is not None:
+            start, end = options.blocks
+            if not 0 <= start < end <= store.num_blocks:
+                raise ValueError(f"--blocks {start}:{end} is out of range: {store.identity.name} has "
+                                 f"{store.num_blocks} blocks, so use A:B with 0 <= A < B <= {store.num_blocks}")
+        if options.num_blocks is not None and not 0 < options.num_blocks <= store.num_blocks:
+            raise ValueError(f"--num-blocks {options.num_blocks} is out of range: use 1..{store.num_blocks}")
         p2p = await start_p2p(options.network, options.initial_peers)
         try:
             self.record_identity = (RecordIdentity.derived_from_file(options.network.identity_path)
@@ -108,7 +127,8 @@ class Peer:
             for address in addresses:
                 print(address, flush=True)
             self.addresses, self.peer_id = addresses, str(p2p.peer_id)
-            self.span = (start, end)
+            self.span = options.blocks or await self._choose_span(node)
+            start, end = self.span
             await self._announce(node)  # joining: others see our choice before we load
             logger.info(f"loading blocks {start}:{end} of {store.identity.name} ({store.identity.fingerprint})")
             started = time.perf_counter()
@@ -129,6 +149,20 @@ class Peer:
             await node.shutdown()
         finally:
             await p2p.shutdown()
+
+    async def _choose_span(self, node: DHTNode) -> tuple[int, int]:
+        store = self.store
+        count = self.options.num_blocks
+        if count is None:
+            count = blocks_that_fit(store, available_memory_bytes())
+            logger.info(f"{count} of {store.num_blocks} blocks fit in half of the free memory")
+        found = await node.get(store.identity.dht_key, latest=True)
+        values = found.value.values() if found is not None and isinstance(found.value, dict) else ()
+        records, _ = parse_peer_records((item.value for item in values), store.identity)
+        start, end = choose_blocks([record for record in records if record.peer_id != str(node.peer_id)],
+                                   store.num_blocks, count)
+        logger.info(f"chose blocks {start}:{end}, where the swarm is weakest")
+        return start, end
 
     def record(self) -> PeerRecord:
         start, end = self.span

@@ -34,6 +34,7 @@ class ServingLimits:
     max_session_length: int = 8192  # tokens per session
     cache_bytes: int = 2 * 1024**3  # attention cache memory across all sessions
     max_message_bytes: int = 64 * 1024**2  # one joined request
+    session_idle_timeout: float = 300.0  # a session whose client sends nothing for this long is freed
 
 
 class BlockService:
@@ -93,7 +94,14 @@ class BlockService:
                         f"max_length {opening.max_length} ({len(self.sessions)} open)")
             for frame in _response_frames(SessionOpened(session_id=session_id, max_length=opening.max_length)):
                 yield frame
-            async for step in messages:
+            while True:
+                try:
+                    step = await asyncio.wait_for(anext(messages, None), self.limits.session_idle_timeout)
+                except asyncio.TimeoutError:
+                    raise ProtocolError(f"session idle for {self.limits.session_idle_timeout:.0f} s: "
+                                        f"closed to free its cache") from None
+                if step is None:
+                    break
                 if not isinstance(step, Step):
                     raise ProtocolError(f"expected a step message, got {step.type_name}")
                 self._check_hidden(step.hidden_states, opening.batch_size)

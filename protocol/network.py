@@ -18,7 +18,7 @@ import signal
 import sys
 from typing import Sequence
 
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, P2PDaemonError
 
 STARTUP_TIMEOUT = 120.0
 _PR_SET_PDEATHSIG = 1
@@ -57,16 +57,31 @@ def _children_die_with_us():
         asyncio.subprocess.create_subprocess_exec = original
 
 
+class UnreachablePeersError(ConnectionError):
+    pass
+
+
 async def start_p2p(options: NetworkOptions, initial_peers: Sequence[str] = ()) -> P2P:
-    with _children_die_with_us():
-        return await P2P.create(
-            initial_peers=list(initial_peers) or None,
-            host_maddrs=list(options.host_maddrs),
-            announce_maddrs=list(options.announce_maddrs) or None,
-            identity_path=options.identity_path,
-            nat_port_map=options.nat_port_map,
-            dht_mode="client" if options.client_mode else "server",
-            startup_timeout=STARTUP_TIMEOUT,
-            # the identity check starts a second daemon per start; a restarted peer reclaims its own
-            check_if_identity_free=False,
-        )
+    try:
+        with _children_die_with_us():
+            return await _create_p2p(options, initial_peers)
+    except P2PDaemonError as error:
+        if "bootstrap" in str(error):
+            raise UnreachablePeersError(
+                f"could not reach any initial peer ({' '.join(initial_peers)}): check the addresses "
+                f"and that `swarm dht` or a peer is running there") from None
+        raise
+
+
+async def _create_p2p(options: NetworkOptions, initial_peers: Sequence[str]) -> P2P:
+    return await P2P.create(
+        initial_peers=list(initial_peers) or None,
+        host_maddrs=list(options.host_maddrs),
+        announce_maddrs=list(options.announce_maddrs) or None,
+        identity_path=options.identity_path,
+        nat_port_map=options.nat_port_map,
+        dht_mode="client" if options.client_mode else "server",
+        startup_timeout=STARTUP_TIMEOUT,
+        # the identity check starts a second daemon per start; a restarted peer reclaims its own
+        check_if_identity_free=False,
+    )

@@ -9,7 +9,7 @@ reader ignores unknown fields, so later versions can add fields without breaking
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, NewType
+from typing import Any, Iterable, Literal, NewType
 
 from protocol import PROTOCOL_VERSION
 
@@ -91,3 +91,20 @@ class PeerRecord:
 
 def is_peer_record(wire: Any) -> bool:
     return isinstance(wire, (tuple, list)) and len(wire) == 3 and wire[0] == RECORD_TAG
+
+
+def parse_peer_records(values: Iterable[Any], identity: ModelIdentity) -> tuple[list[PeerRecord], list[str]]:
+    """The usable records of one model among raw DHT values, and why the others were skipped."""
+    records, skipped = [], []
+    for value in values:
+        try:
+            record = PeerRecord.from_wire(value)
+        except RecordError as error:
+            skipped.append(f"an unreadable peer record ({error})")
+            continue
+        if record.protocol_version != PROTOCOL_VERSION:
+            skipped.append(f"peer {record.peer_id}: it speaks protocol {record.protocol_version}, "
+                           f"this software {PROTOCOL_VERSION} (upgrade the older side)")
+        elif (record.model, record.fingerprint) == (identity.name, identity.fingerprint):
+            records.append(record)
+    return records, skipped

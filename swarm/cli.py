@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--public-name", default="", help="a name shown in `swarm status`")
     peer.add_argument("--announce-period", type=float, default=15.0, help="seconds between DHT announcements")
     peer.add_argument("--record-expiry", type=float, default=45.0, help="seconds a record lives unless renewed")
+    peer.add_argument("--num-blocks", type=int, help="serve this many blocks where the swarm is weakest")
+    peer.add_argument("--max-sessions", type=int, default=64, help="concurrent inference sessions")
+    peer.add_argument("--max-session-length", type=int, default=8192, help="tokens per session")
+    peer.add_argument("--attention-cache-mib", type=int, default=2048,
+                      help="attention cache memory across all sessions")
+    peer.add_argument("--session-timeout", type=float, default=300.0,
+                      help="free a session whose client has sent nothing for this many seconds")
     _network_arguments(peer)
 
     generate = commands.add_parser("generate", help="generate text through the swarm (streams to stdout)")
@@ -108,12 +115,19 @@ def _dht(arguments: argparse.Namespace) -> int:
 
 def _peer(arguments: argparse.Namespace) -> int:
     from peers.server import AnnounceOptions, PeerOptions, parse_blocks, run_peer
+    from peers.service import ServingLimits
 
+    if arguments.blocks and arguments.num_blocks:
+        raise ValueError("give either --blocks A:B or --num-blocks N, not both")
     options = PeerOptions(
         model=arguments.model, blocks=parse_blocks(arguments.blocks) if arguments.blocks else None,
+        num_blocks=arguments.num_blocks,
         initial_peers=tuple(arguments.initial_peers), network=_network(arguments), cache_dir=arguments.cache_dir,
         announce=AnnounceOptions(period=arguments.announce_period, expiry=arguments.record_expiry,
                                  public_name=arguments.public_name),
+        limits=ServingLimits(max_sessions=arguments.max_sessions, max_session_length=arguments.max_session_length,
+                             cache_bytes=arguments.attention_cache_mib * 1024**2,
+                             session_idle_timeout=arguments.session_timeout),
         throughput=arguments.throughput,
     )
     return run_peer(options)

@@ -15,9 +15,8 @@ import uvloop
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from protocol import PROTOCOL_VERSION
-from protocol.network import NetworkOptions, start_p2p
-from protocol.records import ModelIdentity, PeerRecord, RecordError
+from protocol.network import NetworkOptions, UnreachablePeersError, start_p2p
+from protocol.records import ModelIdentity, PeerRecord, parse_peer_records
 from protocol.signing import RecordValidator
 from swarm.routing import coverage
 
@@ -34,6 +33,7 @@ class ClientOptions:
     network: NetworkOptions = NetworkOptions(client_mode=True)
     refresh_period: float = 3.0  # seconds between background DHT reads of the swarm map
     connect_timeout: float = 60.0
+    coverage_timeout: float = 15.0  # how long to wait for peers to cover every block before failing
     step_timeout: float = 60.0  # a step unanswered for this long fails
 
 
@@ -50,6 +50,7 @@ class SwarmClient:
         self._thread.start()
         self.p2p: P2P | None = None
         self.dht: DHTNode | None = None
+        self._warned: set[str] = set()
         try:
             self.run(self._start(), timeout=options.connect_timeout)
         except BaseException:
@@ -57,7 +58,10 @@ class SwarmClient:
             raise
 
     async def _start(self) -> None:
-        self.p2p = await start_p2p(self.options.network, self.options.initial_peers)
+        try:
+            self.p2p = await start_p2p(self.options.network, self.options.initial_peers)
+        except UnreachablePeersError as error:
+            raise SwarmConnectionError(str(error)) from None
         try:
             self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=list(self.options.initial_peers),
                                             client_mode=True, record_validator=RecordValidator())
@@ -101,22 +105,13 @@ class SwarmClient:
 
     async def fetch_records(self, identity: ModelIdentity) -> list[PeerRecord]:
         found = await self.dht.get(identity.dht_key, latest=True)
-        records = []
         if found is None or not isinstance(found.value, dict):
-            return records
-        for subkey, item in found.value.items():
-            try:
-                record = PeerRecord.from_wire(item.value)
-            except RecordError as error:
-                logger.warning(f"skipping an unreadable peer record: {error}")
-                continue
-            if record.protocol_version != PROTOCOL_VERSION:
-                logger.warning(f"skipping peer {record.peer_id}: it speaks protocol {record.protocol_version}, "
-                               f"this client {PROTOCOL_VERSION}")
-                continue
-            if (record.model, record.fingerprint) != (identity.name, identity.fingerprint):
-                continue
-            records.append(record)
+            return []
+        records, skipped = parse_peer_records((item.value for item in found.value.values()), identity)
+        for reason in skipped:
+            if reason not in self._warned:  # once per cause, not at every refresh
+                self._warned.add(reason)
+                logger.warning(f"skipping {reason}")
         return records
 
 

@@ -17,9 +17,9 @@ class Hop:
 
 
 class MissingBlocksError(RuntimeError):
-    def __init__(self, missing: Sequence[int], num_blocks: int):
+    def __init__(self, missing: Sequence[int], num_blocks: int, detail: str = ""):
         self.missing = list(missing)
-        super().__init__(f"no online peer serves blocks {format_blocks(self.missing)} of {num_blocks}; "
+        super().__init__(f"no online peer serves blocks {format_blocks(self.missing)} of {num_blocks}{detail}; "
                          f"start a peer for them (swarm peer MODEL --blocks A:B) or wait for one to join")
 
 

@@ -12,14 +12,14 @@ import logging
 from typing import AsyncIterator
 
 import torch
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from protocol.messages import (FORWARD_RPC, INFERENCE_RPC, ErrorReply, Forward, ForwardResult, FrameJoiner, Message,
                                OpenSession, SessionOpened, Step, StepResult, to_frames)
 from protocol.records import ModelIdentity
 from swarm.client import SwarmClient, SwarmView
-from swarm.routing import Hop, find_route
+from swarm.routing import Hop, MissingBlocksError, find_route
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class PeerError(RuntimeError):
 
     def __init__(self, peer_id: str, message: str, retryable: bool = False):
         super().__init__(f"peer {peer_id}: {message}")
-        self.peer_id, self.retryable = peer_id, retryable
+        self.peer_id, self.reason, self.retryable = peer_id, message, retryable
 
 
 class _PeerStream:
@@ -66,7 +66,13 @@ class _PeerStream:
                     return message
             raise PeerError(self.hop.peer_id, "closed the stream", retryable=True)
 
-        message = await asyncio.wait_for(next_message(), timeout)
+        try:
+            message = await asyncio.wait_for(next_message(), timeout)
+        except asyncio.TimeoutError:
+            raise PeerError(self.hop.peer_id, f"no answer within {timeout:.0f} s", retryable=True) from None
+        except (OSError, asyncio.IncompleteReadError, P2PHandlerError) as error:
+            raise PeerError(self.hop.peer_id, f"connection lost ({type(error).__name__}: {error})",
+                            retryable=True) from None
         if isinstance(message, ErrorReply):
             raise PeerError(self.hop.peer_id, message.message, message.retryable)
         return message
@@ -109,22 +115,40 @@ class InferenceSession:
         self.client.run(self._open(), timeout=self.client.options.connect_timeout + self.client.options.step_timeout)
 
     async def _open(self) -> None:
-        records = self.view.records or await self.view.wait_for_coverage(self.client.options.connect_timeout)
-        self._hops = find_route(records, self.view.num_blocks)
+        records = self.view.records or await self.view.wait_for_coverage(self.client.options.coverage_timeout)
+        refused: dict[str, str] = {}  # peers that turned this session down, and why
+        while True:
+            try:
+                self._hops = find_route(records, self.view.num_blocks, avoid=frozenset(refused))
+            except MissingBlocksError as error:
+                reasons = "; ".join(f"{peer_id}: {reason}" for peer_id, reason in refused.items())
+                raise MissingBlocksError(error.missing, self.view.num_blocks,
+                                         f" (refused by {reasons})" if refused else "") from None
+            try:
+                for hop in self._hops:
+                    await self._open_stream(hop)
+                return
+            except PeerError as error:
+                await self._close()
+                refused[error.peer_id] = error.reason
+                logger.warning(f"peer {error.peer_id} refused the session ({error.reason}); trying another route")
+            except BaseException:
+                await self._close()
+                raise
+
+    async def _open_stream(self, hop: Hop) -> None:
+        stream = _PeerStream(self.client, hop)
+        self._streams.append(stream)
         try:
-            for hop in self._hops:
-                stream = _PeerStream(self.client, hop)
-                self._streams.append(stream)
-                await stream.open(INFERENCE_RPC)
-                stream.send(OpenSession(model=self.identity.name, fingerprint=self.identity.fingerprint,
-                                        start=hop.start, end=hop.end, max_length=self.max_length,
-                                        batch_size=self.batch_size))
-                opened = await stream.receive(self.client.options.step_timeout)
-                if not isinstance(opened, SessionOpened):
-                    raise PeerError(hop.peer_id, f"answered {opened.type_name} to open")
-        except BaseException:
-            await self._close()
-            raise
+            await stream.open(INFERENCE_RPC)
+        except Exception as error:  # unreachable: same treatment as a refusal
+            raise PeerError(hop.peer_id, f"unreachable ({type(error).__name__}: {error})", retryable=True) from None
+        stream.send(OpenSession(model=self.identity.name, fingerprint=self.identity.fingerprint,
+                                start=hop.start, end=hop.end, max_length=self.max_length,
+                                batch_size=self.batch_size))
+        opened = await stream.receive(self.client.options.step_timeout)
+        if not isinstance(opened, SessionOpened):
+            raise PeerError(hop.peer_id, f"answered {opened.type_name} to open")
 
     def step(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.closed:
@@ -159,7 +183,7 @@ class InferenceSession:
 
 async def forward_through(client: SwarmClient, view: SwarmView, hidden_states: torch.Tensor) -> torch.Tensor:
     """One-shot forward of whole sequences through every block (no cache kept on the peers)."""
-    records = view.records or await view.wait_for_coverage(client.options.connect_timeout)
+    records = view.records or await view.wait_for_coverage(client.options.coverage_timeout)
     for hop in find_route(records, view.num_blocks):
         stream = _PeerStream(client, hop)
         await stream.open(FORWARD_RPC)
