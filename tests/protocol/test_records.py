@@ -42,3 +42,16 @@ def test_identity_key_depends_on_fingerprint():
     one, other = ModelIdentity("m", "a" * 16), ModelIdentity("m", "b" * 16)
     assert one.dht_key != other.dht_key
     assert f"v{PROTOCOL_VERSION}" in one.dht_key
+
+
+def test_parse_skips_other_versions_and_models_with_reasons():
+    from protocol.records import parse_peer_records
+
+    identity = ModelIdentity("m", "f" * 16)
+    ours = record()
+    newer = record(peer_id="QmNew", protocol_version=PROTOCOL_VERSION + 1)
+    other_weights = record(peer_id="QmOther", fingerprint="e" * 16)
+    records, skipped = parse_peer_records([ours.to_wire(), newer.to_wire(), other_weights.to_wire(), "junk"], identity)
+    assert records == [ours]
+    assert any("QmNew" in reason and "protocol" in reason for reason in skipped)
+    assert any("unreadable" in reason for reason in skipped)
