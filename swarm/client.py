@@ -18,6 +18,7 @@ from hivemind.p2p import P2P
 from protocol.network import NetworkOptions, UnreachablePeersError, start_p2p
 from protocol.records import ModelIdentity, PeerRecord, parse_peer_records
 from protocol.signing import RecordValidator
+from swarm.retry import RetryPolicy
 from swarm.routing import coverage
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,9 @@ class ClientOptions:
     refresh_period: float = 3.0  # seconds between background DHT reads of the swarm map
     connect_timeout: float = 60.0
     coverage_timeout: float = 15.0  # how long to wait for peers to cover every block before failing
-    step_timeout: float = 60.0  # a step unanswered for this long fails
+    step_timeout: float = 5.0  # a step unanswered this long (plus the allowance below) counts as a failed peer
+    timeout_per_token: float = 0.05  # allowance per position in a step: long prompts and replays take longer
+    retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
 
 
 class SwarmClient:
@@ -45,6 +48,7 @@ class SwarmClient:
             raise SwarmConnectionError("no initial peers given: pass the multiaddrs `swarm dht` printed "
                                        "(--initial-peers /ip4/.../tcp/.../p2p/...)")
         self.options = options
+        self.retry = options.retry  # one policy for every session and forward of this client
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-client", daemon=True)
         self._thread.start()
@@ -69,6 +73,11 @@ class SwarmClient:
             raise SwarmConnectionError(
                 f"none of the initial peers answered ({', '.join(self.options.initial_peers)}): check the "
                 f"addresses and that `swarm dht` is running ({type(error).__name__}: {error})") from None
+
+    def step_timeout(self, hidden_states) -> float:
+        """Seconds to wait for a peer's answer to hidden states [batch, tokens, hidden]."""
+        positions = hidden_states.shape[0] * hidden_states.shape[1]
+        return self.options.step_timeout + self.options.timeout_per_token * positions
 
     def run(self, coroutine: Awaitable[Any], timeout: float | None = None) -> Any:
         future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)

@@ -8,6 +8,7 @@ coroutine on the client's event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import AsyncIterator
 
@@ -86,8 +87,24 @@ class _PeerStream:
                 logger.debug(f"closing the stream to {self.hop.peer_id}: {error}")
 
 
+@dataclasses.dataclass
+class _Segment:
+    """One hop of the route with its open stream and every input it was sent (for replay)."""
+
+    hop: Hop
+    stream: _PeerStream
+    inputs: list[torch.Tensor] = dataclasses.field(default_factory=list)  # [batch, tokens, hidden] each
+    fresh: bool = True  # its peer holds no positions yet: the next step replays the history
+
+
 class InferenceSession:
-    """Generation state across the swarm: `step(hidden)` feeds new positions through every hop."""
+    """Generation state across the swarm: `step(hidden)` feeds new positions through every hop.
+
+    When a peer on the route fails (error, dropped stream, or silence past the step timeout),
+    the session routes around it for exactly the blocks it covered, replays every input those
+    blocks have seen into the replacement's fresh cache, and carries on: the output equals an
+    uninterrupted run. `route` always shows the current route.
+    """
 
     def __init__(self, client: SwarmClient, view: SwarmView, max_length: int, batch_size: int = 1):
         self.client, self.view = client, view
@@ -95,14 +112,14 @@ class InferenceSession:
         self.max_length, self.batch_size = max_length, batch_size
         self.position = 0
         self.token_ids: torch.Tensor | None = None  # tokens whose positions the peers hold (set by generate)
-        self._hops: list[Hop] = []
-        self._streams: list[_PeerStream] = []
+        self._segments: list[_Segment] = []
         self._step_id = 0
         self.closed = False
+        self.failovers: list[tuple[str, str]] = []  # (failed peer, reason), for logs and tests
 
     @property
     def route(self) -> list[tuple[str, int, int]]:
-        return [(hop.peer_id, hop.start, hop.end) for hop in self._hops]
+        return [(segment.hop.peer_id, segment.hop.start, segment.hop.end) for segment in self._segments]
 
     def __enter__(self) -> InferenceSession:
         self.open()
@@ -112,43 +129,70 @@ class InferenceSession:
         self.close()
 
     def open(self) -> None:
-        self.client.run(self._open(), timeout=self.client.options.connect_timeout + self.client.options.step_timeout)
+        self.client.run(self._open())
 
     async def _open(self) -> None:
-        records = self.view.records or await self.view.wait_for_coverage(self.client.options.coverage_timeout)
-        refused: dict[str, str] = {}  # peers that turned this session down, and why
+        if not self.view.records:
+            await self.view.wait_for_coverage(self.client.options.coverage_timeout)
+        try:
+            self._segments = await self._connect(0, self.view.num_blocks)
+        except BaseException:
+            await self._close()
+            raise
+
+    async def _connect(self, start: int, end: int, failure: PeerError | None = None) -> list[_Segment]:
+        """Open streams over blocks [start, end), routing around peers that fail or refuse.
+
+        With no route left, wait (backing off, re-reading the swarm map) up to the retry
+        policy's limit: peers that refused may have room again, new ones may have joined."""
+        policy = self.client.retry
+        reasons: dict[str, str] = {failure.peer_id: failure.reason} if failure else {}
+        skipped = set(reasons)  # left out until the next wait
+        delays = policy.delays()
         while True:
             try:
-                self._hops = find_route(records, self.view.num_blocks, avoid=frozenset(refused))
+                hops = find_route(self.view.records, self.view.num_blocks, start, end,
+                                  avoid=policy.avoided() | frozenset(skipped))
             except MissingBlocksError as error:
-                reasons = "; ".join(f"{peer_id}: {reason}" for peer_id, reason in refused.items())
-                raise MissingBlocksError(error.missing, self.view.num_blocks,
-                                         f" (refused by {reasons})" if refused else "") from None
+                delay = next(delays, None)
+                if delay is None:
+                    detail = "; ".join(f"{peer_id}: {reason}" for peer_id, reason in reasons.items())
+                    raise MissingBlocksError(error.missing, self.view.num_blocks,
+                                             f" (failed or refused: {detail})" if reasons else "") from None
+                await asyncio.sleep(delay)
+                await self.view.refresh()
+                skipped.clear()
+                continue
+            segments: list[_Segment] = []
             try:
-                for hop in self._hops:
-                    await self._open_stream(hop)
-                return
+                for hop in hops:
+                    segments.append(await self._open_segment(hop))
+                return segments
             except PeerError as error:
-                await self._close()
-                refused[error.peer_id] = error.reason
-                logger.warning(f"peer {error.peer_id} refused the session ({error.reason}); trying another route")
-            except BaseException:
-                await self._close()
-                raise
+                await asyncio.gather(*(segment.stream.close() for segment in segments), return_exceptions=True)
+                reasons[error.peer_id] = error.reason
+                skipped.add(error.peer_id)
+                if error.retryable:
+                    policy.avoid(error.peer_id)
+                logger.warning(f"peer {error.peer_id} refused or failed ({error.reason}); trying another route")
 
-    async def _open_stream(self, hop: Hop) -> None:
+    async def _open_segment(self, hop: Hop) -> _Segment:
         stream = _PeerStream(self.client, hop)
-        self._streams.append(stream)
         try:
             await stream.open(INFERENCE_RPC)
         except Exception as error:  # unreachable: same treatment as a refusal
             raise PeerError(hop.peer_id, f"unreachable ({type(error).__name__}: {error})", retryable=True) from None
-        stream.send(OpenSession(model=self.identity.name, fingerprint=self.identity.fingerprint,
-                                start=hop.start, end=hop.end, max_length=self.max_length,
-                                batch_size=self.batch_size))
-        opened = await stream.receive(self.client.options.step_timeout)
-        if not isinstance(opened, SessionOpened):
-            raise PeerError(hop.peer_id, f"answered {opened.type_name} to open")
+        try:
+            stream.send(OpenSession(model=self.identity.name, fingerprint=self.identity.fingerprint,
+                                    start=hop.start, end=hop.end, max_length=self.max_length,
+                                    batch_size=self.batch_size))
+            opened = await stream.receive(self.client.options.step_timeout)
+            if not isinstance(opened, SessionOpened):
+                raise PeerError(hop.peer_id, f"answered {opened.type_name} to open")
+        except BaseException:
+            await stream.close()
+            raise
+        return _Segment(hop, stream)
 
     def step(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.closed:
@@ -163,13 +207,47 @@ class InferenceSession:
 
     async def _step(self, hidden_states: torch.Tensor) -> torch.Tensor:
         self._step_id += 1
-        for stream in self._streams:
-            stream.send(Step(step_id=self._step_id, position=self.position, hidden_states=hidden_states))
-            reply = await stream.receive(self.client.options.step_timeout)
-            if not isinstance(reply, StepResult) or reply.step_id != self._step_id:
-                raise PeerError(stream.hop.peer_id, f"answered {reply.type_name} out of turn")
-            hidden_states = reply.hidden_states
-        return hidden_states
+        new_tokens = hidden_states.shape[1]
+        carried = hidden_states  # the new positions, or every position after a replayed hop
+        index = 0
+        while index < len(self._segments):
+            segment = self._segments[index]
+            try:
+                carried = await self._run_segment(segment, carried, new_tokens)
+                index += 1
+            except PeerError as error:
+                await self._replace(index, error)
+        return carried[:, -new_tokens:]
+
+    async def _run_segment(self, segment: _Segment, carried: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        if segment.fresh and self.position > 0:  # replay: the whole history, then the new positions
+            if carried.shape[1] != self.position + new_tokens:
+                carried = torch.cat([*segment.inputs, carried[:, -new_tokens:]], dim=1)
+            position, inputs = 0, carried
+        else:
+            position, inputs = self.position, carried[:, -new_tokens:]
+        segment.stream.send(Step(step_id=self._step_id, position=position, hidden_states=inputs))
+        reply = await segment.stream.receive(self.client.step_timeout(inputs))
+        if not isinstance(reply, StepResult) or reply.step_id != self._step_id:
+            raise PeerError(segment.hop.peer_id, f"answered {reply.type_name} out of turn")
+        if position == 0:
+            segment.inputs = [inputs]
+        else:
+            segment.inputs.append(inputs)
+        segment.fresh = False
+        return reply.hidden_states
+
+    async def _replace(self, index: int, error: PeerError) -> None:
+        failed = self._segments[index]
+        logger.warning(f"peer {failed.hop.peer_id} failed at position {self.position} ({error.reason}); "
+                       f"replacing blocks {failed.hop.start}:{failed.hop.end}")
+        self.failovers.append((failed.hop.peer_id, error.reason))
+        self.client.retry.avoid(failed.hop.peer_id)
+        await failed.stream.close()
+        await self.view.refresh()
+        replacements = await self._connect(failed.hop.start, failed.hop.end, failure=error)
+        replacements[0].inputs = failed.inputs  # the first replacement replays what the failed hop saw
+        self._segments[index : index + 1] = replacements
 
     def close(self) -> None:
         if not self.closed:
@@ -177,23 +255,49 @@ class InferenceSession:
             self.client.run(self._close(), timeout=30)
 
     async def _close(self) -> None:
-        streams, self._streams = self._streams, []
-        await asyncio.gather(*(stream.close() for stream in streams), return_exceptions=True)
+        segments, self._segments = self._segments, []
+        await asyncio.gather(*(segment.stream.close() for segment in segments), return_exceptions=True)
 
 
 async def forward_through(client: SwarmClient, view: SwarmView, hidden_states: torch.Tensor) -> torch.Tensor:
-    """One-shot forward of whole sequences through every block (no cache kept on the peers)."""
-    records = view.records or await view.wait_for_coverage(client.options.coverage_timeout)
-    for hop in find_route(records, view.num_blocks):
-        stream = _PeerStream(client, hop)
-        await stream.open(FORWARD_RPC)
+    """One-shot forward of whole sequences through every block (no cache kept on the peers).
+
+    A hop that fails is retried on another peer for the same blocks (the client's retry policy)."""
+    if not view.records:
+        await view.wait_for_coverage(client.options.coverage_timeout)
+    block, delays = 0, client.retry.delays()
+    while block < view.num_blocks:
         try:
-            stream.send(Forward(model=view.identity.name, fingerprint=view.identity.fingerprint, start=hop.start,
-                                end=hop.end, hidden_states=hidden_states))
-            reply = await stream.receive(client.options.step_timeout)
-        finally:
-            await stream.close()
-        if not isinstance(reply, ForwardResult):
-            raise PeerError(hop.peer_id, f"answered {reply.type_name} to forward")
-        hidden_states = reply.hidden_states
+            hop = find_route(view.records, view.num_blocks, block, avoid=client.retry.avoided())[0]
+            hidden_states = await _forward_hop(client, view.identity, hop, hidden_states)
+            block = hop.end
+            continue
+        except PeerError as error:
+            logger.warning(f"forward through {error}; retrying elsewhere")
+            client.retry.avoid(error.peer_id)
+            last_error: Exception = error
+        except MissingBlocksError as error:
+            last_error = error
+        delay = next(delays, None)
+        if delay is None:
+            raise last_error
+        await asyncio.sleep(delay)
+        await view.refresh()
     return hidden_states
+
+
+async def _forward_hop(client: SwarmClient, identity: ModelIdentity, hop: Hop, hidden_states: torch.Tensor):
+    stream = _PeerStream(client, hop)
+    try:
+        await stream.open(FORWARD_RPC)
+    except Exception as error:
+        raise PeerError(hop.peer_id, f"unreachable ({type(error).__name__}: {error})", retryable=True) from None
+    try:
+        stream.send(Forward(model=identity.name, fingerprint=identity.fingerprint, start=hop.start, end=hop.end,
+                            hidden_states=hidden_states))
+        reply = await stream.receive(client.step_timeout(hidden_states))
+    finally:
+        await stream.close()
+    if not isinstance(reply, ForwardResult):
+        raise PeerError(hop.peer_id, f"answered {reply.type_name} to forward")
+    return reply.hidden_states

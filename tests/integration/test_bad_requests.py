@@ -8,6 +8,7 @@ from protocol import PROTOCOL_VERSION
 from protocol.messages import (FORWARD_RPC, INFERENCE_RPC, Forward, ForwardResult, OpenSession,
                                SessionOpened, Step, StepResult)
 from swarm.local_swarm import LocalSwarm
+from swarm.retry import RetryPolicy
 from swarm.routing import Hop
 from swarm.session import PeerError, _PeerStream
 
@@ -21,7 +22,8 @@ def peer(tiny_llama, tmp_path_factory):
     try:
         local.start_bootstrap()
         child = local.start_peer("0:4", extra=["--max-session-length", "64", "--max-sessions", "2"])
-        model = DistributedModelForCausalLM.from_pretrained(str(tiny_llama), local.initial_peers, cache_dir=cache)
+        model = DistributedModelForCausalLM.from_pretrained(str(tiny_llama), local.initial_peers, cache_dir=cache,
+                                                            retry=RetryPolicy(give_up_after=1.0))
         local.wait_until_online(model.view)
         yield model, child
         model.close()

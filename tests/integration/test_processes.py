@@ -10,6 +10,7 @@ import torch
 
 from swarm.local_swarm import LocalSwarm
 from swarm.model import DistributedModelForCausalLM
+from swarm.retry import RetryPolicy
 from swarm.routing import MissingBlocksError
 from tests.conftest import _descendants
 
@@ -25,7 +26,8 @@ def tiny_swarm(tiny_llama, tmp_path):
     local = LocalSwarm(str(tiny_llama), cache_dir=str(tmp_path / "cache"))
     local.start_bootstrap()
     model = DistributedModelForCausalLM.from_pretrained(str(tiny_llama), local.initial_peers,
-                                                        cache_dir=str(tmp_path / "cache"), coverage_timeout=3)
+                                                        cache_dir=str(tmp_path / "cache"), coverage_timeout=3,
+                                                        retry=RetryPolicy(give_up_after=1.0, avoid_seconds=0.5))
     yield local, model
     model.close()
     local.stop()
