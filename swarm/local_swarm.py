@@ -137,3 +137,39 @@ class LocalSwarm:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+class StopPeerAfterTokens:
+    """A generate() streamer that stops a peer of the route after `tokens` new tokens and
+    records when each token arrived (to measure the stall a failover costs)."""
+
+    def __init__(self, local: LocalSwarm, session, tokens: int, sig: int = signal.SIGKILL, block: int | None = None):
+        self.local, self.session, self.tokens, self.sig, self.block = local, session, tokens, sig, block
+        self.arrivals: list[float] = []
+        self.stopped_peer: str | None = None
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate() hands the prompt over first
+            self._prompt_seen = True
+            return
+        self.arrivals.append(time.perf_counter())
+        if len(self.arrivals) == self.tokens:
+            block = self.block if self.block is not None else self.session.route[-1][1]
+            peer_id = next(peer for peer, start, end in self.session.route if start <= block < end)
+            child = next(child for child in self.local.peers if child.peer_id == peer_id)
+            child.process.send_signal(self.sig)
+            self.stopped_peer = peer_id
+
+    def end(self) -> None:
+        pass
+
+    @property
+    def stall(self) -> float:
+        """Seconds between the token before the stop and the one after it."""
+        return self.arrivals[self.tokens] - self.arrivals[self.tokens - 1]
+
+    @property
+    def typical_gap(self) -> float:
+        gaps = sorted(later - earlier for earlier, later in zip(self.arrivals, self.arrivals[1:]))
+        return gaps[len(gaps) // 2]

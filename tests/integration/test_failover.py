@@ -1,0 +1,39 @@
+"""Peers that die or leave mid-answer: the generation completes, exactly as without them."""
+
+import signal
+
+import pytest
+import torch
+
+from swarm.local_swarm import StopPeerAfterTokens
+from tests.conftest import EMBEDDED, RunningSwarm, chat_ids
+
+PROMPT = "Write a short poem about the sea."
+
+
+@pytest.fixture(scope="module")
+def expected(reference):
+    model, tokenizer = reference
+    ids = chat_ids(tokenizer, PROMPT)
+    with torch.no_grad():
+        return ids, model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_generation_survives_the_loss_of_a_route_peer(sig, cache_dir, expected):
+    ids, expected_output = expected
+    running = RunningSwarm(EMBEDDED, ["0:15", "15:30", "15:30"], cache_dir)
+    try:
+        with running.model.inference_session(max_length=ids.shape[1] + 64) as session:
+            stopper = StopPeerAfterTokens(running.local, session, tokens=10, sig=sig, block=15)
+            output = running.model.generate(ids, max_new_tokens=64, min_new_tokens=64, session=session,
+                                            streamer=stopper)
+            route = session.route
+        assert stopper.stopped_peer is not None
+        assert output.tolist() == expected_output.tolist()
+        assert stopper.stopped_peer not in [peer for peer, _, _ in route]
+        assert route[0][1] == 0 and route[-1][2] == 30
+        assert [failed for failed, _ in session.failovers] == [stopper.stopped_peer]
+        print(f"stall {stopper.stall * 1000:.0f} ms (typical token {stopper.typical_gap * 1000:.0f} ms)")
+    finally:
+        running.close()
