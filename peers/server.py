@@ -170,6 +170,8 @@ class Peer:
             peer_id=self.peer_id, model=self.store.identity.name, fingerprint=self.store.identity.fingerprint,
             start=start, end=end, state=self.state, throughput=float(self.throughput),
             dtype="float32", cache_tokens_left=self.service.cache_tokens_left if self.service else 0,
+            max_session_length=self.options.limits.max_session_length,
+            sessions_left=self.options.limits.max_sessions - len(self.service.sessions) if self.service else 0,
             addresses=tuple(self.addresses), public_name=self.options.announce.public_name,
             software_version=SOFTWARE_VERSION,
         )

@@ -50,7 +50,9 @@ class PeerRecord:
     throughput: float  # tokens/s this peer can push through its whole span
     protocol_version: int = PROTOCOL_VERSION
     dtype: str = "float32"
-    cache_tokens_left: int = 0
+    cache_tokens_left: int = 0  # attention cache room left, in tokens of this span
+    max_session_length: int = 0  # tokens per session this peer accepts
+    sessions_left: int = 0  # more sessions it accepts now
     addresses: tuple[str, ...] = ()
     public_name: str = ""
     software_version: str = ""

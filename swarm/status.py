@@ -20,7 +20,8 @@ def swarm_status(model: str, initial_peers: Sequence[str], cache_dir: str | Path
     peers = [
         {"peer_id": record.peer_id, "start": record.start, "end": record.end, "state": record.state,
          "throughput": record.throughput, "public_name": record.public_name, "version": record.software_version,
-         "cache_tokens_left": record.cache_tokens_left}
+         "cache_tokens_left": record.cache_tokens_left, "sessions_left": record.sessions_left,
+         "max_session_length": record.max_session_length, "protocol_version": record.protocol_version}
         for record in sorted(records, key=lambda record: (record.start, record.end, record.peer_id))
     ]
     return {"model": store.identity.name, "fingerprint": store.identity.fingerprint,
