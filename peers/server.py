@@ -75,14 +75,15 @@ def blocks_that_fit(store: ModelStore, available_bytes: int, share: float = 0.5)
     return max(1, min(store.num_blocks, int(available_bytes * share // per_block)))
 
 
-def measure_throughput(blocks: BlockSpan, repeats: int = 3) -> float:
+def measure_throughput(service: BlockService, repeats: int = 3) -> float:
     """Tokens/s of one decoding step through the whole span (also warms the kernels up)."""
+    blocks = service.blocks
     cache = blocks.new_cache(blocks.start, blocks.end, 1, 16)
     hidden = torch.zeros(1, 1, blocks.hidden_size, dtype=blocks.dtype)
-    blocks(hidden, blocks.start, blocks.end, 0, cache)
+    service.compute_now(hidden, blocks.start, blocks.end, 0, cache)
     started = time.perf_counter()
     for position in range(1, repeats + 1):
-        blocks(hidden, blocks.start, blocks.end, position, cache)
+        service.compute_now(hidden, blocks.start, blocks.end, position, cache)
     return repeats / (time.perf_counter() - started)
 
 
@@ -133,9 +134,10 @@ class Peer:
             logger.info(f"loading blocks {start}:{end} of {store.identity.name} ({store.identity.fingerprint})")
             started = time.perf_counter()
             blocks = await self._in_compute_thread(BlockSpan, store, start, end)
-            self.throughput = options.throughput or await self._in_compute_thread(measure_throughput, blocks)
+            service = BlockService(store.identity, blocks, options.limits, self.compute)
+            self.throughput = options.throughput or await self._in_compute_thread(measure_throughput, service)
             logger.info(f"loaded in {time.perf_counter() - started:.1f} s; {self.throughput:.1f} tokens/s over the span")
-            self.service = BlockService(store.identity, blocks, options.limits, self.compute)
+            self.service = service
             await self.service.register(p2p)
             self.state = "online"
             await self._announce(node)

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import secrets
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
@@ -35,6 +36,7 @@ class ServingLimits:
     cache_bytes: int = 2 * 1024**3  # attention cache memory across all sessions
     max_message_bytes: int = 64 * 1024**2  # one joined request
     session_idle_timeout: float = 300.0  # a session whose client sends nothing for this long is freed
+    compute_delay: float = 0.0  # test flag: seconds added to every computation, to play a slow peer
 
 
 class BlockService:
@@ -76,7 +78,14 @@ class BlockService:
                                 f"(batch size {batch_size}, at least one token)")
 
     async def _run(self, *args, **kwargs) -> torch.Tensor:
-        return await asyncio.get_running_loop().run_in_executor(self.compute, lambda: self.blocks(*args, **kwargs))
+        return await asyncio.get_running_loop().run_in_executor(self.compute, lambda: self.compute_now(*args, **kwargs))
+
+    def compute_now(self, *args, **kwargs) -> torch.Tensor:
+        """Runs on the compute thread."""
+        output = self.blocks(*args, **kwargs)
+        if self.limits.compute_delay:
+            time.sleep(self.limits.compute_delay)
+        return output
 
     async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                             context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="attention cache memory across all sessions")
     peer.add_argument("--session-timeout", type=float, default=300.0,
                       help="free a session whose client has sent nothing for this many seconds")
+    peer.add_argument("--compute-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow peer
     _network_arguments(peer)
 
     generate = commands.add_parser("generate", help="generate text through the swarm (streams to stdout)")
@@ -127,7 +128,7 @@ def _peer(arguments: argparse.Namespace) -> int:
                                  public_name=arguments.public_name),
         limits=ServingLimits(max_sessions=arguments.max_sessions, max_session_length=arguments.max_session_length,
                              cache_bytes=arguments.attention_cache_mib * 1024**2,
-                             session_idle_timeout=arguments.session_timeout),
+                             session_idle_timeout=arguments.session_timeout, compute_delay=arguments.compute_delay),
         throughput=arguments.throughput,
     )
     return run_peer(options)

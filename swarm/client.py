@@ -13,13 +13,13 @@ from typing import Any, Awaitable
 
 import uvloop
 from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 
 from protocol.network import NetworkOptions, UnreachablePeersError, start_p2p
 from protocol.records import ModelIdentity, PeerRecord, parse_peer_records
 from protocol.signing import RecordValidator
 from swarm.retry import RetryPolicy
-from swarm.routing import coverage
+from swarm.routing import RouteMode, coverage
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class ClientOptions:
     step_timeout: float = 5.0  # a step unanswered this long (plus the allowance below) counts as a failed peer
     timeout_per_token: float = 0.05  # allowance per position in a step: long prompts and replays take longer
     retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
+    route_mode: RouteMode = "latency"  # or "throughput": ignore round trips, favour the fastest compute
+    rtt_refresh: float = 30.0  # seconds before a peer's round trip is measured again
 
 
 class SwarmClient:
@@ -130,6 +132,8 @@ class SwarmView:
     def __init__(self, client: SwarmClient, identity: ModelIdentity, num_blocks: int):
         self.client, self.identity, self.num_blocks = client, identity, num_blocks
         self.records: list[PeerRecord] = []
+        self.rtts: dict[str, float] = {}  # measured round trip to each peer, seconds
+        self._rtt_measured_at: dict[str, float] = {}
         self.updated_at = 0.0
         self._refresh_task = client.run(self._start())
 
@@ -141,10 +145,26 @@ class SwarmView:
         self.updated_at = time.monotonic()
         return self.records
 
+    async def measure_rtts(self) -> None:
+        """Ping peers not measured lately (DHT pings, in parallel) and keep the round trips."""
+        now = time.monotonic()
+        stale = [record.peer_id for record in self.records
+                 if now - self._rtt_measured_at.get(record.peer_id, -1e9) > self.client.options.rtt_refresh]
+
+        async def ping(peer_id: str) -> None:
+            started = time.perf_counter()
+            answered = await self.client.dht.protocol.call_ping(PeerID.from_base58(peer_id), validate=False)
+            self._rtt_measured_at[peer_id] = time.monotonic()
+            if answered is not None:
+                self.rtts[peer_id] = time.perf_counter() - started
+
+        await asyncio.gather(*(ping(peer_id) for peer_id in stale), return_exceptions=True)
+
     async def _refresh_forever(self) -> None:
         while True:
             try:
                 await self.refresh()
+                await self.measure_rtts()
             except Exception as error:
                 logger.warning(f"could not refresh the swarm map: {error}")
             await asyncio.sleep(self.client.options.refresh_period)

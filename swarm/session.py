@@ -152,7 +152,8 @@ class InferenceSession:
         while True:
             try:
                 hops = find_route(self.view.records, self.view.num_blocks, start, end,
-                                  avoid=policy.avoided() | frozenset(skipped))
+                                  avoid=policy.avoided() | frozenset(skipped), rtts=self.view.rtts,
+                                  mode=self.client.options.route_mode)
             except MissingBlocksError as error:
                 delay = next(delays, None)
                 if delay is None:
@@ -268,7 +269,8 @@ async def forward_through(client: SwarmClient, view: SwarmView, hidden_states: t
     block, delays = 0, client.retry.delays()
     while block < view.num_blocks:
         try:
-            hop = find_route(view.records, view.num_blocks, block, avoid=client.retry.avoided())[0]
+            hop = find_route(view.records, view.num_blocks, block, avoid=client.retry.avoided(), rtts=view.rtts,
+                             mode=client.options.route_mode)[0]
             hidden_states = await _forward_hop(client, view.identity, hop, hidden_states)
             block = hop.end
             continue

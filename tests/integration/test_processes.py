@@ -86,3 +86,16 @@ def test_uncovered_route_names_the_missing_blocks(tiny_swarm):
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2)
     with pytest.raises(MissingBlocksError, match=r"2:4"):
         model(torch.tensor([[5, 6, 7]]))
+
+
+def test_route_avoids_a_slowed_peer(tiny_swarm):
+    local, model = tiny_swarm
+    front = local.start_peer("0:2")
+    slow = local.start_peer("2:4", extra=["--compute-delay", "0.2"])
+    fast = local.start_peer("2:4")
+    local.wait_until_online(model.view, [front, slow, fast])
+    throughputs = {record.peer_id: record.throughput for record in model.view.records}
+    assert throughputs[slow.peer_id] < 5 < throughputs[fast.peer_id]  # announced from its own measurement
+    for _ in range(5):
+        with model.inference_session(max_length=4) as session:
+            assert [peer for peer, _, _ in session.route] == [front.peer_id, fast.peer_id]
