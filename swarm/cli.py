@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the swarm map of a model")
     status.add_argument("model")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", type=float, nargs="?", const=5.0, metavar="SECONDS",
+                        help="refresh every SECONDS (default 5) until Ctrl-C")
     status.add_argument("--cache-dir")
     _network_arguments(status, client=True)
 
@@ -176,10 +178,13 @@ def print_route(route) -> None:
 
 
 def _status(arguments: argparse.Namespace) -> int:
-    from swarm.status import swarm_status, format_status
+    from swarm.status import format_status, watch_status
 
-    report = swarm_status(arguments.model, arguments.initial_peers, cache_dir=arguments.cache_dir)
-    print(json.dumps(report) if arguments.json else format_status(report), flush=True)
+    def show(report) -> None:
+        print(json.dumps(report) if arguments.json else format_status(report) + "\n", flush=True)
+
+    watch_status(arguments.model, arguments.initial_peers, show, cache_dir=arguments.cache_dir,
+                 every=arguments.watch)
     return 0
 
 

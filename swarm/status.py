@@ -2,30 +2,51 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from protocol.weights import open_model
-from swarm.client import ClientOptions, SwarmClient
+from swarm.client import ClientOptions, SwarmClient, SwarmView
 from swarm.routing import coverage, format_blocks
 
 
-def swarm_status(model: str, initial_peers: Sequence[str], cache_dir: str | Path | None = None) -> dict[str, Any]:
+def watch_status(model: str, initial_peers: Sequence[str], show: Callable[[dict[str, Any]], None],
+                 cache_dir: str | Path | None = None, every: float | None = None) -> None:
+    """Print the swarm map once, or every `every` seconds until interrupted."""
     store = open_model(model, cache_dir)
     client = SwarmClient(ClientOptions(initial_peers=tuple(initial_peers)))
+    view = SwarmView(client, store.identity, store.num_blocks)
     try:
-        records = client.run(client.fetch_records(store.identity), timeout=60)
+        while True:
+            client.run(view.refresh(), timeout=60)
+            client.run(view.measure_rtts(), timeout=60)
+            show(status_report(view))
+            if every is None:
+                return
+            time.sleep(every)
     finally:
+        view.close()
         client.shutdown()
+
+
+def status_report(view: SwarmView) -> dict[str, Any]:
     peers = [
         {"peer_id": record.peer_id, "start": record.start, "end": record.end, "state": record.state,
          "throughput": record.throughput, "public_name": record.public_name, "version": record.software_version,
+         "protocol_version": record.protocol_version, "rtt_ms": _milliseconds(view.rtts.get(record.peer_id)),
          "cache_tokens_left": record.cache_tokens_left, "sessions_left": record.sessions_left,
-         "max_session_length": record.max_session_length, "protocol_version": record.protocol_version}
-        for record in sorted(records, key=lambda record: (record.start, record.end, record.peer_id))
+         "max_session_length": record.max_session_length}
+        for record in sorted(view.records, key=lambda record: (record.start, record.end, record.peer_id))
     ]
-    return {"model": store.identity.name, "fingerprint": store.identity.fingerprint,
-            "num_blocks": store.num_blocks, "peers": peers, "coverage": coverage(records, store.num_blocks)}
+    counts = coverage(view.records, view.num_blocks)
+    return {"model": view.identity.name, "fingerprint": view.identity.fingerprint, "num_blocks": view.num_blocks,
+            "peers": peers, "coverage": counts,
+            "missing_blocks": format_blocks([block for block, count in enumerate(counts) if count == 0])}
+
+
+def _milliseconds(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
 
 
 def format_status(report: dict[str, Any]) -> str:
@@ -33,9 +54,10 @@ def format_status(report: dict[str, Any]) -> str:
              f"{len(report['peers'])} peers"]
     for peer in report["peers"]:
         name = f" {peer['public_name']}" if peer["public_name"] else ""
+        rtt = f"{peer['rtt_ms']:.1f} ms" if peer["rtt_ms"] is not None else "unreachable"
         lines.append(f"  {peer['peer_id']}{name}  blocks {peer['start']}:{peer['end']}  {peer['state']:8}  "
-                     f"{peer['throughput']:.1f} tokens/s")
-    gaps = [block for block, count in enumerate(report["coverage"]) if count == 0]
+                     f"{peer['throughput']:.1f} tokens/s  rtt {rtt}  v{peer['version']}")
     lines.append(f"coverage per block: {' '.join(str(count) for count in report['coverage'])}")
-    lines.append(f"missing blocks: {format_blocks(gaps)}" if gaps else "every block is served")
+    gaps = report["missing_blocks"]
+    lines.append(f"GAP: no online peer serves blocks {gaps}" if gaps else "every block is served")
     return "\n".join(lines)

@@ -59,7 +59,9 @@ def test_status_json_is_the_swarm_map(swarm):
         (0, 15, "online"), (15, 30, "online")]
     assert {peer["peer_id"] for peer in report["peers"]} == {child.peer_id for child in swarm.local.peers}
     assert all(peer["throughput"] > 0 for peer in report["peers"])
-    assert report["coverage"] == [1] * 30
+    assert report["coverage"] == [1] * 30 and report["missing_blocks"] == ""
+    assert all(peer["rtt_ms"] is not None and peer["rtt_ms"] > 0 for peer in report["peers"])
+    assert all(peer["version"] and peer["protocol_version"] == 1 for peer in report["peers"])
     text = run_swarm("status", EMBEDDED, "--initial-peers", *swarm.initial_peers).stdout
     assert "every block is served" in text
 

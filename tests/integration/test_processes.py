@@ -99,3 +99,36 @@ def test_route_avoids_a_slowed_peer(tiny_swarm):
     for _ in range(5):
         with model.inference_session(max_length=4) as session:
             assert [peer for peer, _, _ in session.route] == [front.peer_id, fast.peer_id]
+
+
+def test_status_flags_gaps_and_a_dead_peer_leaves_the_map(tiny_swarm, tiny_llama):
+    import json
+    import subprocess
+
+    local, model = tiny_swarm
+    child = local.start_peer("0:2", extra=["--announce-period", "1", "--record-expiry", "4"])
+    local.wait_until_online(model.view, [child])
+    result = subprocess.run(local_command(local, "status", str(tiny_llama), "--json"), capture_output=True,
+                            text=True, timeout=120, env=local_environment())
+    report = json.loads(result.stdout)
+    assert report["missing_blocks"] == "2:4" and report["coverage"] == [1, 1, 0, 0]
+    child.process.send_signal(signal.SIGKILL)
+    child.process.wait()
+    deadline = time.monotonic() + 4 + 10  # the expiry, plus slack for a loaded machine
+    while child.peer_id in {record.peer_id for record in model.client.run(model.view.refresh())}:
+        assert time.monotonic() < deadline, "the dead peer's record outlived its expiry"
+        time.sleep(0.5)
+
+
+def local_command(local, *arguments):
+    from swarm.local_swarm import swarm_command
+
+    return swarm_command(*arguments, "--cache-dir", local.cache_dir, "--initial-peers", *local.initial_peers)
+
+
+def local_environment():
+    import os
+
+    from swarm.local_swarm import REPOSITORY
+
+    return {**os.environ, "PYTHONPATH": str(REPOSITORY)}
