@@ -24,11 +24,15 @@ _FAMILY_CLASSES = {
 }
 
 
-def family_classes(model_type: str) -> tuple[type[nn.Module], type[nn.Module]]:
+def family_module(model_type: str):
     if model_type not in _FAMILY_CLASSES:
         raise ValueError(f"model family {model_type!r} is not supported; supported: {sorted(_FAMILY_CLASSES)}")
-    module_name, layer_name, rotary_name = _FAMILY_CLASSES[model_type]
-    module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    module_name = _FAMILY_CLASSES[model_type][0]
+    return importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+
+
+def family_classes(model_type: str) -> tuple[type[nn.Module], type[nn.Module]]:
+    module, (_, layer_name, rotary_name) = family_module(model_type), _FAMILY_CLASSES[model_type]
     return getattr(module, layer_name), getattr(module, rotary_name)
 
 
@@ -92,6 +96,7 @@ class BlockSpan(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.rotary = rotary_class(config=self.config)
         self.requires_grad_(False)
+        self.apply_rotary = family_module(store.model_type).apply_rotary_pos_emb
         self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
         self.hidden_size = self.config.hidden_size
 
@@ -124,3 +129,52 @@ class BlockSpan(nn.Module):
         if cache is not None:
             cache.end_step(new_tokens)
         return hidden_states
+
+    @torch.inference_mode()
+    def forward_many(self, steps: list[tuple[torch.Tensor, int, AttentionCache]], start: int, end: int
+                     ) -> list[torch.Tensor]:
+        """Steps of several sessions through blocks start:end as one batch.
+
+        Token-wise work (norms, projections, MLP) runs once over the tokens of all sessions, so
+        the weights are read from memory once instead of once per session; attention runs per
+        session over its own cache and positions. Same layers, same numbers up to float rounding.
+        """
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        shapes = [hidden.shape for hidden, _, _ in steps]
+        hidden_states = torch.cat([hidden.reshape(1, -1, hidden.shape[-1]) for hidden, _, _ in steps], dim=1)
+        rotations, masks = [], []
+        for (hidden, position, cache), (batch_size, new_tokens, _) in zip(steps, shapes):
+            cache.begin_step(position, new_tokens)
+            positions = torch.arange(position, position + new_tokens).unsqueeze(0).expand(batch_size, -1)
+            rotations.append(self.rotary(hidden, positions))
+            mask = None
+            if new_tokens > 1 and position > 0:
+                past = torch.arange(position + new_tokens).unsqueeze(0)
+                mask = (past <= positions[:1].unsqueeze(-1)).unsqueeze(0)
+            masks.append(mask)
+        for layer in self.layers[start - self.start : end - self.start]:
+            attention = layer.self_attn
+            residual = hidden_states
+            normed = layer.input_layernorm(hidden_states)
+            queries, keys, values = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
+            outputs, offset = [], 0
+            for (_, _, cache), (batch_size, new_tokens, _), (cos, sin), mask in zip(steps, shapes, rotations, masks):
+                count = batch_size * new_tokens
+                view = lambda tensor: tensor[:, offset : offset + count].reshape(  # noqa: E731
+                    batch_size, new_tokens, -1, self.head_dim).transpose(1, 2)
+                query, key = self.apply_rotary(view(queries), view(keys), cos, sin)
+                key, value = cache.update(key, view(values), attention.layer_idx)
+                output, _ = sdpa_attention_forward(attention, query, key, value, mask, dropout=0.0,
+                                                   scaling=attention.scaling)
+                outputs.append(output.reshape(1, count, -1))
+                offset += count
+            hidden_states = residual + attention.o_proj(torch.cat(outputs, dim=1))
+            hidden_states = hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
+        results, offset = [], 0
+        for (_, _, cache), (batch_size, new_tokens, hidden_size) in zip(steps, shapes):
+            cache.end_step(new_tokens)
+            count = batch_size * new_tokens
+            results.append(hidden_states[:, offset : offset + count].reshape(batch_size, new_tokens, hidden_size))
+            offset += count
+        return results

@@ -20,6 +20,7 @@ import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
+from peers.batching import StepBatcher
 from peers.blocks import AttentionCache, BlockSpan
 from protocol import PROTOCOL_VERSION
 from protocol.messages import (FORWARD_RPC, INFERENCE_RPC, ErrorReply, Forward, ForwardResult, FrameJoiner, Message,
@@ -45,6 +46,7 @@ class BlockService:
         self.compute = compute  # the peer's single torch thread (see peers.server.Peer)
         self.sessions: dict[str, AttentionCache] = {}
         self.cache_bytes_used = 0
+        self.batcher = StepBatcher(blocks, compute, after_compute=self._delay)
 
     @property
     def cache_tokens_left(self) -> int:
@@ -83,9 +85,12 @@ class BlockService:
     def compute_now(self, *args, **kwargs) -> torch.Tensor:
         """Runs on the compute thread."""
         output = self.blocks(*args, **kwargs)
+        self._delay()
+        return output
+
+    def _delay(self) -> None:
         if self.limits.compute_delay:
             time.sleep(self.limits.compute_delay)
-        return output
 
     async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                             context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -117,7 +122,8 @@ class BlockService:
                 if step.position > cache.length or step.position + step.hidden_states.shape[1] > cache.max_length:
                     raise ProtocolError(f"step at position {step.position} with {step.hidden_states.shape[1]} tokens "
                                         f"does not fit: the session holds {cache.length} of max {cache.max_length}")
-                output = await self._run(step.hidden_states, opening.start, opening.end, step.position, cache)
+                output = await self.batcher.submit(step.hidden_states, opening.start, opening.end, step.position,
+                                                   cache)
                 for frame in _response_frames(StepResult(step_id=step.step_id, hidden_states=output)):
                     yield frame
         except ProtocolError as error:
