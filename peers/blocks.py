@@ -114,6 +114,19 @@ class BlockSpan(nn.Module):
     @torch.inference_mode()
     def forward(self, hidden_states: torch.Tensor, start: int, end: int, position: int = 0,
                 cache: AttentionCache | None = None) -> torch.Tensor:
+        return self._run_layers(hidden_states, start, end, position, cache)
+
+    def backward(self, hidden_states: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Gradient of blocks start:end with respect to their inputs (the weights stay frozen):
+        the forward is recomputed with autograd on, so peers keep no activations between calls."""
+        with torch.enable_grad():
+            inputs = hidden_states.detach().requires_grad_(True)
+            outputs = self._run_layers(inputs, start, end, 0, None)
+            (grad_inputs,) = torch.autograd.grad(outputs, inputs, grad_outputs)
+        return grad_inputs
+
+    def _run_layers(self, hidden_states: torch.Tensor, start: int, end: int, position: int,
+                    cache: AttentionCache | None) -> torch.Tensor:
         batch_size, new_tokens, _ = hidden_states.shape
         positions = torch.arange(position, position + new_tokens).unsqueeze(0).expand(batch_size, -1)
         position_embeddings = self.rotary(hidden_states, positions)

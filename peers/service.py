@@ -23,8 +23,9 @@ from hivemind.proto import runtime_pb2
 from peers.batching import StepBatcher
 from peers.blocks import AttentionCache, BlockSpan
 from protocol import PROTOCOL_VERSION
-from protocol.messages import (FORWARD_RPC, INFERENCE_RPC, ErrorReply, Forward, ForwardResult, FrameJoiner, Message,
-                               OpenSession, ProtocolError, SessionOpened, Step, StepResult, to_frames)
+from protocol.messages import (BACKWARD_RPC, FORWARD_RPC, INFERENCE_RPC, Backward, BackwardResult, ErrorReply, Forward,
+                               ForwardResult, FrameJoiner, Message, OpenSession, ProtocolError, SessionOpened, Step,
+                               StepResult, to_frames)
 from protocol.records import ModelIdentity
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class BlockService:
         await p2p.add_protobuf_handler(INFERENCE_RPC, self.rpc_inference, runtime_pb2.ExpertRequest,
                                        stream_input=True, stream_output=True)
         await p2p.add_protobuf_handler(FORWARD_RPC, self.rpc_forward, runtime_pb2.ExpertRequest,
+                                       stream_input=True, stream_output=True)
+        await p2p.add_protobuf_handler(BACKWARD_RPC, self.rpc_backward, runtime_pb2.ExpertRequest,
                                        stream_input=True, stream_output=True)
 
     def _check_span(self, model: str, fingerprint: str, start: int, end: int, version: int) -> None:
@@ -162,25 +165,43 @@ class BlockService:
 
     async def rpc_forward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                           context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async def forward(request: Forward) -> Message:
+            output = await self._run(request.hidden_states, request.start, request.end)
+            return ForwardResult(hidden_states=output)
+
+        for frame in await self._one_shot(requests, context, Forward, forward):
+            yield frame
+
+    async def rpc_backward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                           context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async def backward(request: Backward) -> Message:
+            grad_inputs = await asyncio.get_running_loop().run_in_executor(
+                self.compute, self.blocks.backward, request.hidden_states, request.grad_outputs, request.start,
+                request.end)
+            return BackwardResult(grad_inputs=grad_inputs)
+
+        for frame in await self._one_shot(requests, context, Backward, backward):
+            yield frame
+
+    async def _one_shot(self, requests, context: P2PContext, kind: type, handle) -> list[runtime_pb2.ExpertResponse]:
+        """One request message in, one reply out; checks shared by forward and backward."""
         try:
             request = await anext(_messages(requests, self.limits.max_message_bytes), None)
-            if not isinstance(request, Forward):
-                raise ProtocolError("expected a forward message")
+            if not isinstance(request, kind):
+                raise ProtocolError(f"expected a {kind.type_name} message")
             self._check_span(request.model, request.fingerprint, request.start, request.end, request.protocol_version)
             self._check_hidden(request.hidden_states)
             if request.hidden_states.shape[1] > self.limits.max_session_length:
                 raise ProtocolError(f"{request.hidden_states.shape[1]} tokens exceed the limit of "
                                     f"{self.limits.max_session_length}")
-            output = await self._run(request.hidden_states, request.start, request.end)
-            reply: Message = ForwardResult(hidden_states=output)
+            reply = await handle(request)
         except ProtocolError as error:
-            logger.warning(f"refused a forward from {context.remote_id}: {error}")
+            logger.warning(f"refused a {kind.type_name} from {context.remote_id}: {error}")
             reply = ErrorReply(message=str(error))
         except Exception as error:
-            logger.exception(f"forward failed for {context.remote_id}")
+            logger.exception(f"{kind.type_name} failed for {context.remote_id}")
             reply = ErrorReply(message=f"peer failed: {type(error).__name__}: {error}", retryable=True)
-        for frame in _response_frames(reply):
-            yield frame
+        return _response_frames(reply)
 
 
 async def _messages(requests: AsyncIterator[runtime_pb2.ExpertRequest], max_bytes: int) -> AsyncIterator[Message]:

@@ -20,6 +20,7 @@ from protocol import FRAME_PAYLOAD_BYTES, PROTOCOL_VERSION
 
 INFERENCE_RPC = f"swarm.v{PROTOCOL_VERSION}.inference"  # bidirectional stream: open, then steps
 FORWARD_RPC = f"swarm.v{PROTOCOL_VERSION}.forward"  # one forward message in, one result out
+BACKWARD_RPC = f"swarm.v{PROTOCOL_VERSION}.backward"  # inputs and output gradients in, input gradients out
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -182,6 +183,35 @@ class ForwardResult(Message):
     type_name: ClassVar[str] = "forward_result"
     tensor_fields: ClassVar[tuple[str, ...]] = ("hidden_states",)
     hidden_states: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Backward(Message):
+    """Gradients with respect to the inputs of blocks start:end, given those inputs and the
+    gradients of their outputs (the blocks themselves stay frozen)."""
+
+    type_name: ClassVar[str] = "backward"
+    tensor_fields: ClassVar[tuple[str, ...]] = ("hidden_states", "grad_outputs")
+    model: str
+    fingerprint: str
+    start: int
+    end: int
+    hidden_states: torch.Tensor
+    grad_outputs: torch.Tensor
+    protocol_version: int = PROTOCOL_VERSION
+
+    def check(self) -> None:
+        _require_int(self, "start", "end", "protocol_version")
+        if self.hidden_states.shape != self.grad_outputs.shape:
+            raise ProtocolError(f"grad_outputs {list(self.grad_outputs.shape)} must have the shape of "
+                                f"hidden_states {list(self.hidden_states.shape)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardResult(Message):
+    type_name: ClassVar[str] = "backward_result"
+    tensor_fields: ClassVar[tuple[str, ...]] = ("grad_inputs",)
+    grad_inputs: torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,14 +77,15 @@ def generate(model: DistributedModelForCausalLM, input_ids: torch.Tensor, sessio
     if streamer is not None:
         streamer.put(input_ids.cpu())
     generated = input_ids
-    needed = sequence.shape[1] + max_new_tokens
+    prompt_length = model.prompt_embeddings.shape[0] if model.prompt_embeddings is not None else 0
+    needed = prompt_length + sequence.shape[1] + max_new_tokens
     with model._use_session(session, max_length=needed, batch_size=batch_size) as active:
         unfinished = torch.ones(batch_size, dtype=torch.bool)
         for index in range(max_new_tokens):
             if new_ids.shape[1] == 0:
                 raise ValueError("nothing to generate from: the session already holds these tokens; "
                                  "pass at least one new token")
-            hidden_states = active.step(model.embed_tokens(new_ids))
+            hidden_states = active.step(model.embed(new_ids, at_start=active.position == 0))
             active.token_ids = sequence
             logits = model.logits_from_hidden(hidden_states[:, -1]).float()
             scores = warpers(sequence, logits)

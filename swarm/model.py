@@ -20,7 +20,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from protocol.weights import ModelStore, open_model
 from swarm.client import ClientOptions, SwarmClient, SwarmView
 from swarm.generation import generate
-from swarm.session import InferenceSession, forward_through
+from swarm.remote import RemoteBlocks, forward_through
+from swarm.session import InferenceSession
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,9 @@ class DistributedModelForCausalLM(nn.Module):
         self.store, self.client, self._owns_client = store, client, owns_client
         self.config = store.config()
         state = store.client_state()
-        self.embed_tokens = nn.Embedding.from_pretrained(state["model.embed_tokens.weight"], freeze=False)
+        # padding_idx as in transformers: that row gets no gradient from the lookup
+        self.embed_tokens = nn.Embedding.from_pretrained(state["model.embed_tokens.weight"], freeze=False,
+                                                         padding_idx=getattr(self.config, "pad_token_id", None))
         self.norm = LlamaRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
         self.norm.weight.data.copy_(state["model.norm.weight"])
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
@@ -44,7 +47,7 @@ class DistributedModelForCausalLM(nn.Module):
         except OSError:
             self.generation_config = GenerationConfig.from_model_config(self.config)
         self.view = SwarmView(client, store.identity, store.num_blocks)
-        self.active_session: InferenceSession | None = None
+        self.prompt_embeddings: nn.Parameter | None = None  # shallow soft prompt, see enable_prompt_tuning
 
     @classmethod
     def from_pretrained(cls, model: str, initial_peers: Sequence[str], cache_dir: str | Path | None = None,
@@ -78,14 +81,38 @@ class DistributedModelForCausalLM(nn.Module):
     def logits_from_hidden(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden_states))
 
+    def enable_prompt_tuning(self, num_tokens: int, seed: int = 0) -> nn.Parameter:
+        """A trainable soft prompt of `num_tokens` positions put before every input (shallow
+        prompt tuning); initialised from the embeddings of random tokens. Train it like any
+        parameter: the gradient comes back through the peers."""
+        generator = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, self.config.vocab_size, (num_tokens,), generator=generator)
+        self.prompt_embeddings = nn.Parameter(self.embed_tokens.weight[tokens].detach().clone())
+        return self.prompt_embeddings
+
+    def embed(self, input_ids: torch.Tensor, at_start: bool = True) -> torch.Tensor:
+        """Input embeddings, with the soft prompt in front when the sequence starts here."""
+        embeddings = self.embed_tokens(input_ids)
+        if self.prompt_embeddings is None or not at_start:
+            return embeddings
+        prompts = self.prompt_embeddings.unsqueeze(0).expand(embeddings.shape[0], -1, -1)
+        return torch.cat([prompts.to(embeddings.dtype), embeddings], dim=1)
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 **unused: Any) -> CausalLMOutputWithPast:
+        """HF semantics: logits for every input position, and the shifted cross-entropy loss when
+        labels are given (-100 is ignored). Differentiable: `loss.backward()` flows through the
+        peers into the embeddings, the head, the norm and the soft prompt."""
         _check_no_padding(attention_mask)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        hidden_states = self.client.run(forward_through(self.client, self.view, inputs_embeds.detach()))
-        logits = self.logits_from_hidden(hidden_states)
+            inputs_embeds = self.embed(input_ids)
+        prompt_length = self.prompt_embeddings.shape[0] if self.prompt_embeddings is not None else 0
+        if torch.is_grad_enabled() and inputs_embeds.requires_grad:
+            hidden_states = RemoteBlocks.apply(inputs_embeds, self)
+        else:
+            hidden_states = self.client.run(forward_through(self.client, self.view, inputs_embeds.detach()))
+        logits = self.logits_from_hidden(hidden_states)[:, prompt_length:]
         loss = None
         if labels is not None:
             shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()

@@ -16,8 +16,8 @@ import torch
 from hivemind.p2p import P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
-from protocol.messages import (FORWARD_RPC, INFERENCE_RPC, ErrorReply, Forward, ForwardResult, FrameJoiner, Message,
-                               OpenSession, SessionOpened, Step, StepResult, to_frames)
+from protocol.messages import (INFERENCE_RPC, ErrorReply, FrameJoiner, Message, OpenSession, SessionOpened, Step,
+                               StepResult, to_frames)
 from protocol.records import ModelIdentity
 from swarm.client import SwarmClient, SwarmView
 from swarm.routing import Hop, MissingBlocksError, find_route
@@ -258,48 +258,3 @@ class InferenceSession:
     async def _close(self) -> None:
         segments, self._segments = self._segments, []
         await asyncio.gather(*(segment.stream.close() for segment in segments), return_exceptions=True)
-
-
-async def forward_through(client: SwarmClient, view: SwarmView, hidden_states: torch.Tensor) -> torch.Tensor:
-    """One-shot forward of whole sequences through every block (no cache kept on the peers).
-
-    A hop that fails is retried on another peer for the same blocks (the client's retry policy)."""
-    if not view.records:
-        await view.wait_for_coverage(client.options.coverage_timeout)
-    block, delays = 0, client.retry.delays()
-    while block < view.num_blocks:
-        try:
-            hop = find_route(view.records, view.num_blocks, block, avoid=client.retry.avoided(), rtts=view.rtts,
-                             mode=client.options.route_mode)[0]
-            hidden_states = await _forward_hop(client, view.identity, hop, hidden_states)
-            block = hop.end
-            continue
-        except PeerError as error:
-            logger.warning(f"forward through {error}; retrying elsewhere")
-            client.retry.avoid(error.peer_id)
-            last_error: Exception = error
-        except MissingBlocksError as error:
-            last_error = error
-        delay = next(delays, None)
-        if delay is None:
-            raise last_error
-        await asyncio.sleep(delay)
-        await view.refresh()
-    return hidden_states
-
-
-async def _forward_hop(client: SwarmClient, identity: ModelIdentity, hop: Hop, hidden_states: torch.Tensor):
-    stream = _PeerStream(client, hop)
-    try:
-        await stream.open(FORWARD_RPC)
-    except Exception as error:
-        raise PeerError(hop.peer_id, f"unreachable ({type(error).__name__}: {error})", retryable=True) from None
-    try:
-        stream.send(Forward(model=identity.name, fingerprint=identity.fingerprint, start=hop.start, end=hop.end,
-                            hidden_states=hidden_states))
-        reply = await stream.receive(client.step_timeout(hidden_states))
-    finally:
-        await stream.close()
-    if not isinstance(reply, ForwardResult):
-        raise PeerError(hop.peer_id, f"answered {reply.type_name} to forward")
-    return reply.hidden_states

@@ -89,3 +89,16 @@ def test_sessions_batched_together_equal_each_alone(tiny):
     for (expected_prefill, expected_step), got_prefill, got_step in zip(alone, prefill, decode):
         torch.testing.assert_close(got_prefill, expected_prefill, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_step, expected_step, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_gives_the_input_gradient_of_the_layers(tiny):
+    store, reference = tiny
+    blocks = BlockSpan(store, 1, 3)
+    inputs = torch.randn(2, 5, 64, requires_grad=True)
+    hidden, positions = inputs, torch.arange(5).unsqueeze(0).expand(2, -1)
+    rotary = reference.model.rotary_emb(hidden, positions)
+    for layer in reference.model.layers[1:3]:
+        hidden = layer(hidden, position_ids=positions, position_embeddings=rotary)
+    grad_outputs = torch.randn(2, 5, 64)
+    (expected,) = torch.autograd.grad(hidden, inputs, grad_outputs)
+    torch.testing.assert_close(blocks.backward(inputs.detach(), grad_outputs, 1, 3), expected, rtol=1e-5, atol=1e-6)
