@@ -32,6 +32,7 @@ DECODE_TOLERANCE = 1e-8
 # Checking every straggler pattern at construction costs one small least-squares solve each
 # (per candidate draw of a cyclic code); beyond this many patterns, only decode time checks.
 MAX_PATTERNS_CHECKED = 20_000
+MAX_CACHED_SOLUTIONS = 4096
 
 
 class GradientCode(abc.ABC):
@@ -110,6 +111,8 @@ class GradientCode(abc.ABC):
         rank-deficient systems (a fractional code's group members have identical rows); the
         minimum-norm one averages the copies a group sends, rather than trusting one."""
         if workers not in self._coefficient_cache:
+            if len(self._coefficient_cache) >= MAX_CACHED_SOLUTIONS:  # up to 2^n sets could arrive over a run
+                self._coefficient_cache.clear()
             self._coefficient_cache[workers] = self._solve(workers)
         return self._coefficient_cache[workers]
 
