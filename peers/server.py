@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 import signal
 import sys
 import time
@@ -26,7 +27,7 @@ from protocol.network import NetworkOptions, start_p2p
 from protocol.records import PeerRecord, PeerState, parse_peer_records
 from protocol.signing import RecordIdentity, RecordValidator
 from protocol.weights import ModelStore, open_model
-from swarm.balancing import choose_blocks
+from swarm.balancing import better_span, choose_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class AnnounceOptions:
     period: float = 15.0  # seconds between announcements
     expiry: float = 45.0  # a record lives this long unless renewed: a dead peer leaves the map by then
     public_name: str = ""
+    rebalance_period: float = 60.0  # seconds between checks whether moving would help the swarm (0: never)
+    drain_timeout: float = 60.0  # when moving or leaving, how long open sessions may finish first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +145,12 @@ class Peer:
             self.state = "online"
             await self._announce(node)
             logger.info(f"online: serving blocks {start}:{end} as {p2p.peer_id}")
-            announcer = asyncio.create_task(self._announce_forever(node))
+            background = [asyncio.create_task(self._announce_forever(node))]
+            if options.blocks is None and options.announce.rebalance_period > 0:
+                background.append(asyncio.create_task(self._rebalance_forever(node)))
             await self._stop.wait()
-            announcer.cancel()
+            for task in background:
+                task.cancel()
             logger.info("stopping: announcing offline")
             self.state = "offline"
             await asyncio.wait_for(self._announce(node), timeout=10)
@@ -152,19 +158,54 @@ class Peer:
         finally:
             await p2p.shutdown()
 
+    async def _read_records(self, node: DHTNode) -> list[PeerRecord]:
+        found = await node.get(self.store.identity.dht_key, latest=True)
+        values = found.value.values() if found is not None and isinstance(found.value, dict) else ()
+        return parse_peer_records((item.value for item in values), self.store.identity)[0]
+
     async def _choose_span(self, node: DHTNode) -> tuple[int, int]:
         store = self.store
         count = self.options.num_blocks
         if count is None:
             count = blocks_that_fit(store, available_memory_bytes())
             logger.info(f"{count} of {store.num_blocks} blocks fit in half of the free memory")
-        found = await node.get(store.identity.dht_key, latest=True)
-        values = found.value.values() if found is not None and isinstance(found.value, dict) else ()
-        records, _ = parse_peer_records((item.value for item in values), store.identity)
+        records = await self._read_records(node)
         start, end = choose_blocks([record for record in records if record.peer_id != str(node.peer_id)],
                                    store.num_blocks, count)
         logger.info(f"chose blocks {start}:{end}, where the swarm is weakest")
         return start, end
+
+    async def _rebalance_forever(self, node: DHTNode) -> None:
+        while True:
+            # jittered, so that peers seeing the same imbalance rarely decide in the same instant;
+            # a mover announces its new span at once and the others see it before their turn
+            await asyncio.sleep(self.options.announce.rebalance_period * random.uniform(0.5, 1.5))
+            try:
+                target = better_span(await self._read_records(node), self.record(), self.store.num_blocks)
+                if target is not None:
+                    await self._move(node, target)
+            except Exception as error:  # the next period tries again
+                logger.warning(f"rebalancing failed: {error}")
+
+    async def _move(self, node: DHTNode, target: tuple[int, int]) -> None:
+        """Drain (no new sessions, open ones may finish), then load and serve the new span."""
+        logger.info(f"moving from blocks {self.span[0]}:{self.span[1]} to {target[0]}:{target[1]}, "
+                     f"where the swarm is weaker; draining first")
+        self.state, self.service.draining = "draining", True
+        await self._announce(node)
+        deadline = time.monotonic() + self.options.announce.drain_timeout
+        while self.service.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        if self.service.sessions:
+            logger.info(f"{len(self.service.sessions)} sessions still open: their clients continue elsewhere")
+        self.span, self.state = target, "joining"
+        await self._announce(node)
+        blocks = await self._in_compute_thread(BlockSpan, self.store, *target)
+        self.service.replace_blocks(blocks)
+        self.throughput = self.options.throughput or await self._in_compute_thread(measure_throughput, self.service)
+        self.state, self.service.draining = "online", False
+        await self._announce(node)
+        logger.info(f"online: serving blocks {target[0]}:{target[1]}")
 
     def record(self) -> PeerRecord:
         start, end = self.span

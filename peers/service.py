@@ -48,6 +48,13 @@ class BlockService:
         self.sessions: dict[str, AttentionCache] = {}
         self.cache_bytes_used = 0
         self.batcher = StepBatcher(blocks, compute, after_compute=self._delay)
+        self.draining = False  # refuse new sessions: the peer is leaving or moving
+
+    def replace_blocks(self, blocks: BlockSpan) -> None:
+        """Serve another span from now on; sessions still open on the old one fail at their next
+        step (their clients replay elsewhere)."""
+        self.blocks = blocks
+        self.batcher = StepBatcher(blocks, self.compute, after_compute=self._delay)
 
     @property
     def cache_tokens_left(self) -> int:
@@ -105,6 +112,7 @@ class BlockService:
                 raise ProtocolError("an inference stream must start with an open message")
             self._check_span(opening.model, opening.fingerprint, opening.start, opening.end, opening.protocol_version)
             cache = await self._open_cache(opening)
+            blocks = self.blocks
             session_id = secrets.token_hex(8)
             self.sessions[session_id] = cache
             logger.info(f"session {session_id} opened by {context.remote_id}: blocks {opening.start}:{opening.end}, "
@@ -121,6 +129,9 @@ class BlockService:
                     break
                 if not isinstance(step, Step):
                     raise ProtocolError(f"expected a step message, got {step.type_name}")
+                if self.blocks is not blocks:
+                    raise ProtocolError(f"this peer moved to blocks {self.blocks.start}:{self.blocks.end}; "
+                                        f"continue elsewhere", retryable=True)
                 self._check_hidden(step.hidden_states, opening.batch_size)
                 if step.position > cache.length or step.position + step.hidden_states.shape[1] > cache.max_length:
                     raise ProtocolError(f"step at position {step.position} with {step.hidden_states.shape[1]} tokens "
@@ -131,7 +142,7 @@ class BlockService:
                     yield frame
         except ProtocolError as error:
             logger.warning(f"refused a request from {context.remote_id}: {error}")
-            for frame in _response_frames(ErrorReply(message=str(error))):
+            for frame in _response_frames(ErrorReply(message=str(error), retryable=error.retryable)):
                 yield frame
         except Exception as error:
             logger.exception(f"inference failed for {context.remote_id}")
@@ -145,6 +156,8 @@ class BlockService:
                 logger.info(f"session {session_id} closed ({len(self.sessions)} open)")
 
     async def _open_cache(self, opening: OpenSession) -> AttentionCache:
+        if self.draining:
+            raise ProtocolError("peer is draining: it takes no new sessions", retryable=True)
         if len(self.sessions) >= self.limits.max_sessions:
             raise ProtocolError(f"peer is full: {len(self.sessions)} sessions open (limit {self.limits.max_sessions})")
         if not 0 < opening.max_length <= self.limits.max_session_length:

@@ -26,7 +26,12 @@ WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 
 
 class ProtocolError(ValueError):
-    """A message that cannot be read or is not allowed; its text goes back to the sender."""
+    """A message that cannot be read or is not allowed; its text goes back to the sender.
+    `retryable`: the same request may succeed elsewhere or later (the peer is busy or moving)."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 # ---------------------------------------------------------------------------- tensors

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--announce-period", type=float, default=15.0, help="seconds between DHT announcements")
     peer.add_argument("--record-expiry", type=float, default=45.0, help="seconds a record lives unless renewed")
     peer.add_argument("--num-blocks", type=int, help="serve this many blocks where the swarm is weakest")
+    peer.add_argument("--rebalance-period", type=float, default=60.0,
+                      help="without --blocks: seconds between checks whether moving would help the swarm (0: never)")
+    peer.add_argument("--drain-timeout", type=float, default=60.0,
+                      help="when moving, how long open sessions may finish before they continue elsewhere")
     peer.add_argument("--max-sessions", type=int, default=64, help="concurrent inference sessions")
     peer.add_argument("--max-session-length", type=int, default=8192, help="tokens per session")
     peer.add_argument("--attention-cache-mib", type=int, default=2048,
@@ -127,7 +131,8 @@ def _peer(arguments: argparse.Namespace) -> int:
         num_blocks=arguments.num_blocks,
         initial_peers=tuple(arguments.initial_peers), network=_network(arguments), cache_dir=arguments.cache_dir,
         announce=AnnounceOptions(period=arguments.announce_period, expiry=arguments.record_expiry,
-                                 public_name=arguments.public_name),
+                                 public_name=arguments.public_name, rebalance_period=arguments.rebalance_period,
+                                 drain_timeout=arguments.drain_timeout),
         limits=ServingLimits(max_sessions=arguments.max_sessions, max_session_length=arguments.max_session_length,
                              cache_bytes=arguments.attention_cache_mib * 1024**2,
                              session_idle_timeout=arguments.session_timeout, compute_delay=arguments.compute_delay),

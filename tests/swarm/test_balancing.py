@@ -1,5 +1,7 @@
+import dataclasses
+
 from protocol.records import PeerRecord
-from swarm.balancing import block_throughput, choose_blocks
+from swarm.balancing import better_span, block_throughput, choose_blocks
 
 
 def peer(start, end, state="online", throughput=10.0):
@@ -31,3 +33,16 @@ def test_offline_peers_do_not_count_and_weak_spans_attract():
     assert choose_blocks(records, 30, 15) == (15, 30)
     assert block_throughput(records, 30)[0] == 100.0
     assert choose_blocks(records, 30, 99) == (0, 30)  # clamps to the model
+
+
+def test_peer_moves_to_fill_a_gap_left_by_another():
+    me = dataclasses.replace(peer(0, 10), peer_id="me")
+    records = [me, peer(0, 10), peer(10, 20)]  # blocks 20:30 lost their peer
+    assert better_span(records, me, 30) == (20, 30)
+
+
+def test_peer_stays_when_the_swarm_is_balanced_or_the_gain_is_small():
+    me = dataclasses.replace(peer(0, 10), peer_id="me")
+    assert better_span([me, peer(10, 20), peer(20, 30)], me, 30) is None
+    slightly_weaker = [me, peer(0, 10, throughput=1.0), peer(10, 20, throughput=10.0), peer(20, 30, throughput=9.5)]
+    assert better_span(slightly_weaker, me, 30) is None
