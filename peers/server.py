@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 import uvloop
@@ -23,6 +24,7 @@ from hivemind.utils import get_dht_time
 
 from peers.blocks import BlockSpan
 from peers.service import BlockService, ServingLimits
+from peers.throughput import measure_bandwidth, span_throughput
 from protocol.network import NetworkOptions, start_p2p
 from protocol.records import PeerRecord, PeerState, parse_peer_records
 from protocol.signing import RecordIdentity, RecordValidator
@@ -78,18 +80,6 @@ def blocks_that_fit(store: ModelStore, available_bytes: int, share: float = 0.5)
     return max(1, min(store.num_blocks, int(available_bytes * share // per_block)))
 
 
-def measure_throughput(service: BlockService, repeats: int = 3) -> float:
-    """Tokens/s of one decoding step through the whole span (also warms the kernels up)."""
-    blocks = service.blocks
-    cache = blocks.new_cache(blocks.start, blocks.end, 1, 16)
-    hidden = torch.zeros(1, 1, blocks.hidden_size, dtype=blocks.dtype)
-    service.compute_now(hidden, blocks.start, blocks.end, 0, cache)
-    started = time.perf_counter()
-    for position in range(1, repeats + 1):
-        service.compute_now(hidden, blocks.start, blocks.end, position, cache)
-    return repeats / (time.perf_counter() - started)
-
-
 class Peer:
     def __init__(self, options: PeerOptions):
         self.options = options
@@ -98,6 +88,7 @@ class Peer:
         self.store: ModelStore | None = None
         self.service: BlockService | None = None
         self.throughput = 0.0
+        self.bandwidth = 0.0
         self._stop = asyncio.Event()
         # Every torch call of the peer runs on this one thread: each thread that calls torch gets its
         # own OpenMP team, and an idle team's spinning workers halve the speed of the busy one
@@ -138,10 +129,15 @@ class Peer:
             started = time.perf_counter()
             blocks = await self._in_compute_thread(BlockSpan, store, start, end)
             service = BlockService(store.identity, blocks, options.limits, self.compute)
-            self.throughput = options.throughput or await self._in_compute_thread(measure_throughput, service)
+            self.throughput = options.throughput or await self._in_compute_thread(self._measure, service)
             logger.info(f"loaded in {time.perf_counter() - started:.1f} s; {self.throughput:.1f} tokens/s over the span")
             self.service = service
             await self.service.register(p2p)
+            others = [record.peer_id for record in await self._read_records(node)
+                      if record.peer_id != self.peer_id and record.state == "online"]
+            self.bandwidth = await measure_bandwidth(p2p, others[:3])
+            if self.bandwidth:
+                logger.info(f"network: {self.bandwidth * 8 / 1e6:.0f} Mbit/s to a peer in the swarm")
             self.state = "online"
             await self._announce(node)
             logger.info(f"online: serving blocks {start}:{end} as {p2p.peer_id}")
@@ -175,6 +171,12 @@ class Peer:
         logger.info(f"chose blocks {start}:{end}, where the swarm is weakest")
         return start, end
 
+    def _measure(self, service: BlockService) -> float:
+        """On the compute thread. The test flag --compute-delay bypasses the cache: it is not the device."""
+        cache_file = Path(self.store.path).parent / "throughput.json"
+        return span_throughput(service, cache_file, self.store.identity.fingerprint,
+                               use_cache=not self.options.limits.compute_delay)
+
     async def _rebalance_forever(self, node: DHTNode) -> None:
         while True:
             # jittered, so that peers seeing the same imbalance rarely decide in the same instant;
@@ -202,7 +204,7 @@ class Peer:
         await self._announce(node)
         blocks = await self._in_compute_thread(BlockSpan, self.store, *target)
         self.service.replace_blocks(blocks)
-        self.throughput = self.options.throughput or await self._in_compute_thread(measure_throughput, self.service)
+        self.throughput = self.options.throughput or await self._in_compute_thread(self._measure, self.service)
         self.state, self.service.draining = "online", False
         await self._announce(node)
         logger.info(f"online: serving blocks {target[0]}:{target[1]}")
@@ -216,7 +218,7 @@ class Peer:
             max_session_length=self.options.limits.max_session_length,
             sessions_left=self.options.limits.max_sessions - len(self.service.sessions) if self.service else 0,
             addresses=tuple(self.addresses), public_name=self.options.announce.public_name,
-            software_version=SOFTWARE_VERSION,
+            software_version=SOFTWARE_VERSION, network_bandwidth=self.bandwidth,
         )
 
     async def _announce(self, node: DHTNode) -> None:

@@ -23,9 +23,9 @@ from hivemind.proto import runtime_pb2
 from peers.batching import StepBatcher
 from peers.blocks import AttentionCache, BlockSpan
 from protocol import PROTOCOL_VERSION
-from protocol.messages import (BACKWARD_RPC, FORWARD_RPC, INFERENCE_RPC, Backward, BackwardResult, ErrorReply, Forward,
-                               ForwardResult, FrameJoiner, Message, OpenSession, ProtocolError, SessionOpened, Step,
-                               StepResult, to_frames)
+from protocol.messages import (BACKWARD_RPC, FORWARD_RPC, INFERENCE_RPC, PROBE_RPC, Backward, BackwardResult,
+                               ErrorReply, Forward, ForwardResult, FrameJoiner, Message, OpenSession, Probe, ProbeResult,
+                               ProtocolError, SessionOpened, Step, StepResult, to_frames)
 from protocol.records import ModelIdentity
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class BlockService:
         await p2p.add_protobuf_handler(FORWARD_RPC, self.rpc_forward, runtime_pb2.ExpertRequest,
                                        stream_input=True, stream_output=True)
         await p2p.add_protobuf_handler(BACKWARD_RPC, self.rpc_backward, runtime_pb2.ExpertRequest,
+                                       stream_input=True, stream_output=True)
+        await p2p.add_protobuf_handler(PROBE_RPC, self.rpc_probe, runtime_pb2.ExpertRequest,
                                        stream_input=True, stream_output=True)
 
     def _check_span(self, model: str, fingerprint: str, start: int, end: int, version: int) -> None:
@@ -194,6 +196,18 @@ class BlockService:
             return BackwardResult(grad_inputs=grad_inputs)
 
         for frame in await self._one_shot(requests, context, Backward, backward):
+            yield frame
+
+    async def rpc_probe(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                        context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        try:
+            request = await anext(_messages(requests, self.limits.max_message_bytes), None)
+            if not isinstance(request, Probe) or not isinstance(request.payload, bytes):
+                raise ProtocolError("expected a probe message")
+            reply: Message = ProbeResult(received=len(request.payload))
+        except ProtocolError as error:
+            reply = ErrorReply(message=str(error))
+        for frame in _response_frames(reply):
             yield frame
 
     async def _one_shot(self, requests, context: P2PContext, kind: type, handle) -> list[runtime_pb2.ExpertResponse]:

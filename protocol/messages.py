@@ -21,6 +21,7 @@ from protocol import FRAME_PAYLOAD_BYTES, PROTOCOL_VERSION
 INFERENCE_RPC = f"swarm.v{PROTOCOL_VERSION}.inference"  # bidirectional stream: open, then steps
 FORWARD_RPC = f"swarm.v{PROTOCOL_VERSION}.forward"  # one forward message in, one result out
 BACKWARD_RPC = f"swarm.v{PROTOCOL_VERSION}.backward"  # inputs and output gradients in, input gradients out
+PROBE_RPC = f"swarm.v{PROTOCOL_VERSION}.probe"  # a payload in, its size out: a timed transfer for bandwidth
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -217,6 +218,18 @@ class BackwardResult(Message):
     type_name: ClassVar[str] = "backward_result"
     tensor_fields: ClassVar[tuple[str, ...]] = ("grad_inputs",)
     grad_inputs: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe(Message):
+    type_name: ClassVar[str] = "probe"
+    payload: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeResult(Message):
+    type_name: ClassVar[str] = "probe_result"
+    received: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,6 +53,7 @@ class PeerRecord:
     cache_tokens_left: int = 0  # attention cache room left, in tokens of this span
     max_session_length: int = 0  # tokens per session this peer accepts
     sessions_left: int = 0  # more sessions it accepts now
+    network_bandwidth: float = 0.0  # bytes/s, from a timed transfer to another peer (0: not measured)
     addresses: tuple[str, ...] = ()
     public_name: str = ""
     software_version: str = ""

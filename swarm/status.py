@@ -36,7 +36,7 @@ def status_report(view: SwarmView) -> dict[str, Any]:
          "throughput": record.throughput, "public_name": record.public_name, "version": record.software_version,
          "protocol_version": record.protocol_version, "rtt_ms": _milliseconds(view.rtts.get(record.peer_id)),
          "cache_tokens_left": record.cache_tokens_left, "sessions_left": record.sessions_left,
-         "max_session_length": record.max_session_length}
+         "max_session_length": record.max_session_length, "network_bandwidth": record.network_bandwidth}
         for record in sorted(view.records, key=lambda record: (record.start, record.end, record.peer_id))
     ]
     counts = coverage(view.records, view.num_blocks)

@@ -62,6 +62,7 @@ def test_status_json_is_the_swarm_map(swarm):
     assert report["coverage"] == [1] * 30 and report["missing_blocks"] == ""
     assert all(peer["rtt_ms"] is not None and peer["rtt_ms"] > 0 for peer in report["peers"])
     assert all(peer["version"] and peer["protocol_version"] == 1 for peer in report["peers"])
+    assert max(peer["network_bandwidth"] for peer in report["peers"]) > 0  # the second measured a transfer
     text = run_swarm("status", EMBEDDED, "--initial-peers", *swarm.initial_peers).stdout
     assert "every block is served" in text
 
