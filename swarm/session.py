@@ -68,8 +68,9 @@ class _PeerStream:
             raise PeerError(self.hop.peer_id, "closed the stream", retryable=True)
 
         try:
-            message = await asyncio.wait_for(next_message(), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):  # no extra task per message, unlike wait_for
+                message = await next_message()
+        except TimeoutError:
             raise PeerError(self.hop.peer_id, f"no answer within {timeout:.0f} s", retryable=True) from None
         except (OSError, asyncio.IncompleteReadError, P2PHandlerError) as error:
             raise PeerError(self.hop.peer_id, f"connection lost ({type(error).__name__}: {error})",
