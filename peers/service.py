@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,8 @@ class ServingLimits:
     max_message_bytes: int = 64 * 1024**2  # one joined request
     session_idle_timeout: float = 300.0  # a session whose client sends nothing for this long is freed
     compute_delay: float = 0.0  # test flag: seconds added to every computation, to play a slow peer
+    busy_threads: int | None = dataclasses.field(  # torch threads while several sessions generate
+        default_factory=lambda: 1 if (os.cpu_count() or 1) <= 2 else None)  # None: as many as when idle
 
 
 class BlockService:
@@ -47,14 +50,15 @@ class BlockService:
         self.compute = compute  # the peer's single torch thread (see peers.server.Peer)
         self.sessions: dict[str, AttentionCache] = {}
         self.cache_bytes_used = 0
-        self.batcher = StepBatcher(blocks, compute, after_compute=self._delay)
+        self.batcher = StepBatcher(blocks, compute, after_compute=self._delay, busy_threads=limits.busy_threads)
         self.draining = False  # refuse new sessions: the peer is leaving or moving
 
     def replace_blocks(self, blocks: BlockSpan) -> None:
         """Serve another span from now on; sessions still open on the old one fail at their next
         step (their clients replay elsewhere)."""
         self.blocks = blocks
-        self.batcher = StepBatcher(blocks, self.compute, after_compute=self._delay)
+        self.batcher = StepBatcher(blocks, self.compute, after_compute=self._delay,
+                                   busy_threads=self.limits.busy_threads)
 
     @property
     def cache_tokens_left(self) -> int:

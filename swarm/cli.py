@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="attention cache memory across all sessions")
     peer.add_argument("--session-timeout", type=float, default=300.0,
                       help="free a session whose client has sent nothing for this many seconds")
+    peer.add_argument("--busy-threads", type=int, default=0,
+                      help="torch threads while several sessions generate (default: 1 on machines with 2 cores "
+                           "or fewer, where spinning workers starve the network side; all otherwise)")
     peer.add_argument("--compute-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow peer
     _network_arguments(peer)
 
@@ -135,7 +138,8 @@ def _peer(arguments: argparse.Namespace) -> int:
                                  drain_timeout=arguments.drain_timeout),
         limits=ServingLimits(max_sessions=arguments.max_sessions, max_session_length=arguments.max_session_length,
                              cache_bytes=arguments.attention_cache_mib * 1024**2,
-                             session_idle_timeout=arguments.session_timeout, compute_delay=arguments.compute_delay),
+                             session_idle_timeout=arguments.session_timeout, compute_delay=arguments.compute_delay,
+                             **({"busy_threads": arguments.busy_threads} if arguments.busy_threads else {})),
         throughput=arguments.throughput,
     )
     return run_peer(options)
