@@ -70,7 +70,8 @@ class SwarmClient:
             raise SwarmConnectionError(str(error)) from None
         try:
             self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=list(self.options.initial_peers),
-                                            client_mode=True, record_validator=RecordValidator())
+                                            client_mode=self.options.network.client_mode,
+                                            record_validator=RecordValidator())
         except Exception as error:
             raise SwarmConnectionError(
                 f"none of the initial peers answered ({', '.join(self.options.initial_peers)}): check the "

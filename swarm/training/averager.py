@@ -1,0 +1,206 @@
+"""The network side of collaborative training: groups, all-reduce rounds and state download.
+
+Runs in this process, on the event loop and P2P of a `SwarmClient` (no forked averager process
+to orphan). Groups are formed by hivemind's `Matchmaking` (leaders declared under the run's DHT
+key); a round is `AggregatingAllReduceRunner`'s butterfly all-reduce, all or nothing. Only peers
+averaging the same thing meet: the round's tag (e.g. the epoch) goes into the schema hash that
+every join request is checked against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import re
+from typing import AsyncIterator, Callable, Sequence
+
+import msgpack
+import torch
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.matchmaking import Matchmaking
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import averaging_pb2
+from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import achain, aiter_with_timeout, anext, as_aiter
+
+from swarm.training.allreduce import Aggregate, AggregatingAllReduceRunner, RoundFailed
+
+logger = logging.getLogger(__name__)
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_STATE_CHUNK = 1024 * 1024  # under hivemind's 4 MiB message cap
+
+
+@dataclasses.dataclass(frozen=True)
+class AveragingOptions:
+    min_matchmaking_time: float = 2.0  # leaders wait this long for followers before starting a round
+    request_timeout: float = 1.0  # a join request unanswered this long moves on to the next leader
+    matchmaking_timeout: float = 10.0  # no group by then: the round did not happen
+    round_timeout: float = 30.0  # the all-reduce itself; a round not done by then failed
+    sender_timeout: float = 5.0  # a groupmate silent this long mid-round is left out of the parts it missed
+    reducer_timeout: float = 10.0  # a reducer silent this long fails the round (all or nothing)
+    state_timeout: float = 30.0  # downloading the current state from a peer
+
+
+def check_run_id(run_id: str) -> str:
+    if not _RUN_ID.match(run_id):
+        raise ValueError(f"run id {run_id!r} must be 1-64 letters, digits, '-' or '_' (it names DHT keys)")
+    return run_id
+
+
+class _MatchmakingDHT:
+    """hivemind's Matchmaking talks to a `hivemind.DHT` (a forked process); ours is a DHTNode in
+    this process, so the same two calls are simply awaited."""
+
+    def __init__(self, node: DHTNode, peer_id: PeerID):
+        self.node, self.peer_id = node, peer_id
+
+    async def store(self, key, subkey, value, expiration_time, return_future=True):
+        return await self.node.store(key, value, expiration_time, subkey=subkey)
+
+    async def get(self, key, latest=True, return_future=True):
+        return await self.node.get(key, latest=latest)
+
+
+async def _keep_group_key(group_info: GroupInfo) -> None:
+    pass
+
+
+@dataclasses.dataclass
+class _Step:
+    """The parts of hivemind's StepControl (a multiprocessing future) that Matchmaking reads."""
+    scheduled_time: float
+    deadline: float
+    data_for_gather: bytes
+
+    def get_timeout(self) -> float:
+        return max(0.0, self.deadline - get_dht_time())
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundResult:
+    tensors: list[torch.Tensor]
+    peer_ids: tuple[str, ...]  # the group, in reducer order
+    gathered: dict[str, dict]  # what each groupmate sent along (its epoch, samples, ...)
+
+
+class GroupAverager(ServicerBase):
+    """Averages tensors with the run's peers; serves this peer's state to newcomers."""
+
+    def __init__(self, p2p: P2P, dht: DHTNode, run_id: str, options: AveragingOptions,
+                 state_provider: Callable[[], bytes]):
+        self._p2p, self.prefix, self.options = p2p, check_run_id(run_id), options
+        self._dht = _MatchmakingDHT(dht, p2p.peer_id)
+        self._state_provider = state_provider
+        self._matchmaking: Matchmaking | None = None
+        self._running_groups: dict[bytes, asyncio.Future] = {}
+        self._groups_registered = asyncio.Event()
+        self._groups_registered.set()
+
+    @property
+    def peer_id(self) -> PeerID:
+        return self._p2p.peer_id
+
+    async def start(self) -> None:
+        await self.add_p2p_handlers(self._p2p, namespace=self.prefix)
+
+    async def average(self, tensors: Sequence[torch.Tensor], tag: str, aggregate: Aggregate,
+                      expected_group_size: int | None = None, gather: dict | None = None) -> RoundResult | None:
+        """One round: find a group of peers averaging the same `tag`, aggregate every tensor with
+        them. None when no group formed in time; RoundFailed when a round began but did not finish."""
+        options = self.options
+        schema = hashlib.sha256(repr((tag, [(tuple(t.shape), str(t.dtype)) for t in tensors])).encode()).digest()
+        self._groups_registered.clear()
+        self._matchmaking = Matchmaking(
+            self._p2p, schema, self._dht, servicer_type=type(self), prefix=self.prefix,
+            target_group_size=expected_group_size, min_group_size=2,
+            min_matchmaking_time=options.min_matchmaking_time, request_timeout=options.request_timeout,
+            client_mode=False)
+        # hivemind re-buckets the group key after each round assuming groups never exceed the target;
+        # ours can (the target is only our guess of the live peers) and the run uses one bucket anyway
+        self._matchmaking.group_key_manager.update_key_on_group_assembled = _keep_group_key
+        now = get_dht_time()
+        step = _Step(scheduled_time=now + options.min_matchmaking_time, deadline=now + options.matchmaking_timeout,
+                     data_for_gather=msgpack.packb(gather or {}))
+        try:
+            group = await self._matchmaking.look_for_group(step)
+        except Exception as error:
+            raise RoundFailed(f"matchmaking failed: {type(error).__name__}: {error}") from None
+        finally:
+            self._groups_registered.set()
+        if group is None:
+            return None
+        with self._registered(group) as registered:
+            runner = AggregatingAllReduceRunner(
+                p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, group_id=group.group_id,
+                tensors=list(tensors), ordered_peer_ids=group.peer_ids,
+                peer_fractions=(1.0 / group.group_size,) * group.group_size,
+                sender_timeout=options.sender_timeout, reducer_timeout=options.reducer_timeout,
+                aggregate=aggregate)
+            registered.set_result(runner)
+            try:
+                averaged = await asyncio.wait_for(runner.run_to_completion(tensors), options.round_timeout)
+            except RoundFailed:
+                raise
+            except Exception as error:
+                raise RoundFailed(f"all-reduce with {group.group_size} peers failed: "
+                                  f"{type(error).__name__}: {error}") from None
+        gathered = {}
+        for peer_id, data in zip(group.peer_ids, group.gathered):
+            try:
+                gathered[peer_id.to_base58()] = msgpack.unpackb(data)
+            except Exception:
+                gathered[peer_id.to_base58()] = {}
+        return RoundResult(averaged, tuple(peer.to_base58() for peer in group.peer_ids), gathered)
+
+    @contextlib.contextmanager
+    def _registered(self, group: GroupInfo):
+        future = self._running_groups[group.group_id] = asyncio.get_running_loop().create_future()
+        self._groups_registered.set()
+        try:
+            yield future
+        finally:
+            self._running_groups.pop(group.group_id, None)
+
+    async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
+                             ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if self._matchmaking is None:
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_LOOKING_FOR_GROUP)
+            return
+        async for response in self._matchmaking.rpc_join_group(request, context):
+            yield response
+
+    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+                                 ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        request = await anext(stream)
+        if request.group_id not in self._running_groups:
+            # the leader may have started the round before its answer with the group id reached us
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._groups_registered.wait(), self.options.sender_timeout)
+        future = self._running_groups.get(request.group_id)
+        if future is None:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        runner = await future
+        async for message in runner.rpc_aggregate_part(achain(as_aiter(request), stream), context):
+            yield message
+
+    async def rpc_download_state(self, _request: averaging_pb2.DownloadRequest, _context: P2PContext
+                                 ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        # the provider takes the trainer's lock: run it off the event loop
+        state = await asyncio.get_running_loop().run_in_executor(None, self._state_provider)
+        for offset in range(0, len(state), _STATE_CHUNK):
+            yield averaging_pb2.DownloadData(metadata=state[offset: offset + _STATE_CHUNK])
+
+    async def download_state(self, peer_id: str) -> bytes:
+        """The serialized state of one peer (see CollaborativeOptimizer.state_bytes)."""
+        stub = self.get_stub(self._p2p, PeerID.from_base58(peer_id), namespace=self.prefix)
+        stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+        chunks = [message.metadata async for message in aiter_with_timeout(stream, self.options.state_timeout)]
+        if not chunks:
+            raise RoundFailed(f"peer {peer_id} sent no state")
+        return b"".join(chunks)

@@ -1,0 +1,286 @@
+"""`CollaborativeOptimizer`: wrap any torch optimizer so that peers train one model together.
+
+Each peer computes gradients on its own data and calls `step()` after every backward. Gradients
+accumulate locally until the peers at the same global step (epoch) have gathered
+`target_batch_size` samples in all (progress is published in the DHT); then the peers form a
+group, aggregate their mean gradients in one all-or-nothing all-reduce, and every one of them
+applies the same update with its wrapped optimizer. Equal starting states plus equal updates keep
+every replica equal. A peer that falls behind (it joined late, or a round failed for it alone)
+downloads the current state from a peer ahead instead of averaging stale gradients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from hivemind.utils import get_dht_time
+
+from protocol.network import NetworkOptions
+from swarm.client import ClientOptions, SwarmClient
+from swarm.robust import get_aggregator
+from swarm.training.allreduce import Aggregate, RoundFailed
+from swarm.training.averager import AveragingOptions, GroupAverager, RoundResult, check_run_id
+from swarm.training.progress import Progress, peers_ahead, peers_at_epoch, ready_for_step
+
+logger = logging.getLogger(__name__)
+
+
+class CollaborativeOptimizer:
+    def __init__(self, params: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer, *, run_id: str,
+                 initial_peers: Sequence[str], target_batch_size: int, batch_size_per_step: int | None = None,
+                 aggregator: str | Aggregate = "mean", num_byzantine: int = 0,
+                 averaging: AveragingOptions = AveragingOptions(), network: NetworkOptions = NetworkOptions(),
+                 load_state: bool = True, round_attempts: int = 3, progress_period: float = 0.5,
+                 progress_expiry: float = 5.0, client: SwarmClient | None = None):
+        self.params = [param for param in params]
+        self.optimizer, self.run_id = optimizer, check_run_id(run_id)
+        self.target_batch_size, self.batch_size_per_step = target_batch_size, batch_size_per_step
+        if isinstance(aggregator, str):
+            rule = get_aggregator(aggregator)
+            self.aggregate: Aggregate = lambda tensors: rule(tensors, num_byzantine=num_byzantine)
+        else:
+            self.aggregate = aggregator
+        self.round_attempts, self.progress_period, self.progress_expiry = round_attempts, progress_period, progress_expiry
+        self.epoch = 0  # global steps taken by the run, as far as this replica has applied them
+        self.samples = 0  # accumulated towards the next global step
+        self.others: list[Progress] = []  # the latest reports of the other live peers
+        self.extra_state: dict[str, Any] = {}  # travels with the state (e.g. the run's settings)
+        self._accumulated = [torch.zeros_like(param) for param in self.params]
+        self._lock = threading.RLock()  # the replica's state: held while stepping and while serving it
+        self._rate = _RateMeter()
+        self.done = False
+        self._owns_client = client is None
+        self.client = client or SwarmClient(ClientOptions(initial_peers=tuple(initial_peers),
+                                                          network=_server_mode(network)))
+        try:
+            self.averager = GroupAverager(self.client.p2p, self.client.dht, run_id, averaging, self.state_bytes)
+            self.client.run(self.averager.start())
+            self._progress_task = self.client.run(self._start_reporting())
+            if load_state and self.refresh_progress():
+                self.load_state_from_peers()
+        except BaseException:
+            if self._owns_client:
+                self.client.shutdown()
+            raise
+
+    @property
+    def peer_id(self) -> str:
+        return self.client.p2p.peer_id.to_base58()
+
+    # ---- the training loop's side
+
+    def step(self, batch_size: int | None = None) -> bool:
+        """Take this peer's gradients (from the last backward) into the next global step; run that
+        step once the swarm has gathered enough samples. True when a global step was applied."""
+        batch_size = batch_size or self.batch_size_per_step
+        if not batch_size:
+            raise ValueError("pass step(batch_size=...) or batch_size_per_step= to the constructor")
+        with self._lock:
+            for accumulated, param in zip(self._accumulated, self.params):
+                if param.grad is not None:
+                    accumulated.add_(param.grad, alpha=batch_size)
+                    param.grad = None
+            self.samples += batch_size
+        self._rate.add(batch_size)
+        if peers_ahead(self.others, self.epoch):
+            self.load_state_from_peers()
+            return False
+        if not ready_for_step(self._progress(), self.others, self.target_batch_size):
+            return False
+        return self._global_step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _global_step(self) -> bool:
+        with self._lock:
+            gradients = [accumulated / self.samples for accumulated in self._accumulated]
+        for attempt in range(self.round_attempts):
+            self.refresh_progress()  # decide on fresh reports: the background view lags a global step
+            if peers_ahead(self.others, self.epoch):
+                self.load_state_from_peers()
+                return False
+            if not [progress for progress in self.others if not progress.done]:
+                self._apply(gradients, group=())  # alone in the run: nothing to wait for
+                return True
+            expected = len(peers_at_epoch(self.others, self.epoch)) + 1
+            try:
+                result = self._average(gradients, f"gradients-{self.epoch}", expected)
+            except RoundFailed as error:
+                logger.warning(f"averaging round for step {self.epoch + 1} failed ({error}); retrying")
+                continue
+            if result is not None:
+                self._apply(result.tensors, group=result.peer_ids)
+                return True
+            logger.info(f"no group formed for step {self.epoch + 1} (attempt {attempt + 1}); retrying")
+        return False  # keep accumulating: the next step() tries again
+
+    def _average(self, tensors: Sequence[torch.Tensor], tag: str, expected_group_size: int) -> RoundResult | None:
+        options = self.averager.options
+        return self.client.run(self.averager.average(tensors, tag, self.aggregate, expected_group_size,
+                                                     gather=self._progress().to_wire()),
+                               timeout=options.matchmaking_timeout + options.round_timeout + 10)
+
+    def _apply(self, gradients: Sequence[torch.Tensor], group: Sequence[str]) -> None:
+        with self._lock:
+            for param, gradient in zip(self.params, gradients):
+                param.grad = gradient.to(param.dtype).reshape(param.shape).clone()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            for accumulated in self._accumulated:
+                accumulated.zero_()
+            self.samples, self.epoch = 0, self.epoch + 1
+        logger.debug(f"global step {self.epoch} applied ({f'group of {len(group)}' if group else 'alone'})")
+
+    def average_parameters(self, tag: str = "final", attempts: int = 3) -> bool:
+        """Make every live replica hold the same parameters (the run's aggregation rule over the
+        group's values). True when a group averaged; False when this peer was alone or no group formed."""
+        for _ in range(attempts):
+            self.refresh_progress()
+            partners = [p for p in self.others if p.epoch >= self.epoch and not p.done]
+            if not partners:
+                return False
+            with self._lock:
+                values = [param.detach().clone() for param in self.params]
+            try:
+                result = self._average(values, f"parameters-{tag}-{self.epoch}", len(partners) + 1)
+            except RoundFailed as error:
+                logger.warning(f"parameter averaging failed ({error}); retrying")
+                continue
+            if result is not None:
+                with self._lock, torch.no_grad():
+                    for param, value in zip(self.params, result.tensors):
+                        param.copy_(value.reshape(param.shape))
+                return True
+        return False
+
+    # ---- state: what a newcomer downloads, what a checkpoint holds
+
+    def state_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return {"epoch": self.epoch, "params": [param.detach().clone() for param in self.params],
+                    "optimizer": self.optimizer.state_dict(), "extra": dict(self.extra_state)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        params = state["params"]
+        if len(params) != len(self.params) or any(p.shape != q.shape for p, q in zip(params, self.params)):
+            raise ValueError("the state's parameters do not match this model (another model or task?)")
+        with self._lock, torch.no_grad():
+            for param, value in zip(self.params, params):
+                param.copy_(value)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.epoch, self.extra_state = int(state["epoch"]), dict(state.get("extra", {}))
+            for accumulated in self._accumulated:
+                accumulated.zero_()
+            self.samples = 0
+
+    def state_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        return buffer.getvalue()
+
+    def load_state_from_peers(self) -> bool:
+        """Download the state of the most advanced peer (trying the next on failure)."""
+        for progress in peers_ahead(self.others, self.epoch - 1):
+            if progress.epoch < self.epoch:
+                break
+            try:
+                data = self.client.run(self.averager.download_state(progress.peer_id),
+                                       timeout=self.averager.options.state_timeout + 5)
+                # weights_only: a peer's bytes are data, never code
+                self.load_state_dict(torch.load(io.BytesIO(data), weights_only=True))
+            except Exception as error:
+                logger.warning(f"could not download the state from {progress.peer_id}: {error}")
+                continue
+            logger.info(f"loaded the state of step {self.epoch} from peer {progress.peer_id}")
+            return True
+        return False
+
+    # ---- progress in the DHT
+
+    def _progress(self) -> Progress:
+        return Progress(self.peer_id, self.epoch, self.samples, self._rate.rate(), self.done)
+
+    @property
+    def _progress_key(self) -> str:
+        return f"{self.run_id}.progress"
+
+    async def _start_reporting(self) -> asyncio.Task:
+        return asyncio.create_task(self._report_forever())
+
+    async def _report_forever(self) -> None:
+        while True:
+            try:
+                await self._report_and_read()
+            except Exception as error:
+                logger.debug(f"progress report failed: {error}")
+            await asyncio.sleep(self.progress_period)
+
+    async def _report_and_read(self) -> None:
+        dht = self.client.dht
+        await dht.store(self._progress_key, self._progress().to_wire(), get_dht_time() + self.progress_expiry,
+                        subkey=self.peer_id)
+        found = await dht.get(self._progress_key, latest=True)
+        others = []
+        if found is not None and isinstance(found.value, dict):
+            for subkey, item in found.value.items():
+                if subkey != self.peer_id and isinstance(subkey, str):
+                    progress = Progress.from_wire(subkey, item.value)
+                    if progress is not None:
+                        others.append(progress)
+        self.others = others
+
+    def refresh_progress(self) -> list[Progress]:
+        """Report now and read everyone's progress (instead of waiting for the background refresh)."""
+        self.client.run(self._report_and_read(), timeout=30)
+        return self.others
+
+    def finish(self) -> None:
+        """Tell the run this peer is done, so that nobody waits for it in a group."""
+        self.done = True
+        self.refresh_progress()
+
+    def close(self) -> None:
+        async def cancel() -> None:
+            self._progress_task.cancel()
+            await asyncio.gather(self._progress_task, return_exceptions=True)
+
+        if not self.client.loop.is_closed():
+            self.client.run(cancel(), timeout=10)
+        if self._owns_client:
+            self.client.shutdown()
+
+    def __enter__(self) -> CollaborativeOptimizer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _server_mode(network: NetworkOptions) -> NetworkOptions:
+    """Averaging peers answer requests (join a group, reduce a part, send the state): never client mode."""
+    return dataclasses.replace(network, client_mode=False)
+
+
+class _RateMeter:
+    """Samples per second over the last minute or so (what the progress report announces)."""
+
+    def __init__(self, horizon: float = 60.0):
+        self.horizon, self.events = horizon, []
+
+    def add(self, samples: int) -> None:
+        now = time.monotonic()
+        self.events = [(t, n) for t, n in self.events if now - t < self.horizon] + [(now, samples)]
+
+    def rate(self) -> float:
+        if len(self.events) < 2:
+            return 0.0
+        elapsed = self.events[-1][0] - self.events[0][0]
+        return sum(n for _, n in self.events[1:]) / elapsed if elapsed > 0 else 0.0

@@ -1,0 +1,52 @@
+"""What each peer of a run reports in the DHT, and the decisions taken from those reports.
+
+Pure functions over records (no network): when the swarm has gathered enough samples for the
+next global step, who is ahead of us (we must download the state), who averages with us.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    peer_id: str
+    epoch: int  # global steps this peer has taken
+    samples: int  # samples accumulated towards the next global step
+    samples_per_second: float = 0.0
+    done: bool = False  # finished the run: neither averages nor serves as a partner any more
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "samples": self.samples, "samples_per_second": self.samples_per_second,
+                "done": self.done}
+
+    @classmethod
+    def from_wire(cls, peer_id: str, wire: Any) -> Progress | None:
+        """None for anything malformed: a bad record is skipped, never trusted."""
+        try:
+            epoch, samples = wire["epoch"], wire["samples"]
+            rate = float(wire.get("samples_per_second", 0.0))
+            done = bool(wire.get("done", False))
+        except (TypeError, KeyError, ValueError, AttributeError):
+            return None
+        if not (isinstance(epoch, int) and isinstance(samples, int) and epoch >= 0 and samples >= 0):
+            return None
+        return cls(peer_id, epoch, samples, rate, done)
+
+
+def peers_at_epoch(others: Iterable[Progress], epoch: int) -> list[Progress]:
+    """The partners for the next global step: peers at our epoch still training."""
+    return [progress for progress in others if progress.epoch == epoch and not progress.done]
+
+
+def peers_ahead(others: Iterable[Progress], epoch: int) -> list[Progress]:
+    """Peers that have taken more global steps than `epoch`, most advanced first."""
+    return sorted((progress for progress in others if progress.epoch > epoch), key=lambda p: -p.epoch)
+
+
+def ready_for_step(mine: Progress, others: Iterable[Progress], target_batch_size: int) -> bool:
+    """True once the peers at our epoch have accumulated `target_batch_size` samples in all."""
+    gathered = mine.samples + sum(progress.samples for progress in peers_at_epoch(others, mine.epoch))
+    return mine.samples > 0 and gathered >= target_batch_size
