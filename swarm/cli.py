@@ -93,6 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--cache-dir")
     _network_arguments(status, client=True)
 
+    train = commands.add_parser("train", help="train a built-in task together with other peers (decentralized averaging)")
+    train.add_argument("task", help="digits (8x8 handwritten digits, an MLP) or text (a byte-level LM on pydoc text)")
+    train.add_argument("--run-id", required=True, help="peers with the same run id train one model together")
+    train.add_argument("--json", action="store_true", help="print the result as one JSON line on stdout")
+    train.add_argument("--batch-size", type=int, default=32, help="this peer's batch per local step")
+    train.add_argument("--checkpoint-dir", help="save the state here and resume from it on restart")
+    train.add_argument("--checkpoint-every", type=int, default=20, help="global steps between checkpoints")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    settings = train.add_argument_group("run settings (the first peer's win: later peers adopt them from the DHT)")
+    settings.add_argument("--seed", type=int, default=0)
+    settings.add_argument("--steps", type=int, default=60, help="global steps; every peer stops after the last")
+    settings.add_argument("--target-batch-size", type=int, default=256,
+                          help="samples the swarm gathers for one global step")
+    settings.add_argument("--lr", type=float, help="learning rate (default: the task's)")
+    settings.add_argument("--aggregator", default="mean",
+                          help="how a group combines its gradients: mean, median, trimmed_mean, centered_clip, krum")
+    settings.add_argument("--num-byzantine", type=int, default=0, help="liars the robust aggregators tolerate")
+    train.add_argument("--die-in-round", type=int, default=0, help=argparse.SUPPRESS)  # tests: killed mid-round
+    _network_arguments(train)
+
     demo = commands.add_parser("demo", help="start a local swarm on loopback, chat through it, stop it")
     demo.add_argument("--prompt", default="What is the capital of France?")
     demo.add_argument("--peers", type=int, default=3)
@@ -197,6 +217,33 @@ def _status(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _train(arguments: argparse.Namespace) -> int:
+    import time
+
+    from swarm.robust import get_aggregator
+    from swarm.training.run import RunSettings, TrainOptions, run_training
+
+    get_aggregator(arguments.aggregator)  # an unknown rule fails before any network start
+    for name in ("steps", "target_batch_size", "batch_size", "checkpoint_every"):
+        if getattr(arguments, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    proposed = RunSettings(task=arguments.task, seed=arguments.seed, steps=arguments.steps,
+                           target_batch_size=arguments.target_batch_size, lr=arguments.lr,
+                           aggregator=arguments.aggregator, num_byzantine=arguments.num_byzantine,
+                           proposed_at=time.time())
+    result = run_training(TrainOptions(
+        run_id=arguments.run_id, initial_peers=tuple(arguments.initial_peers), proposed=proposed,
+        batch_size=arguments.batch_size, network=_network(arguments), checkpoint_dir=arguments.checkpoint_dir,
+        checkpoint_every=arguments.checkpoint_every, progress=not arguments.no_progress,
+        die_in_round=arguments.die_in_round))
+    if arguments.json:
+        print(json.dumps(result), flush=True)
+    else:
+        print(f"{result['task']}: {result['steps']} steps, held-out accuracy {result['accuracy']:.4f}, "
+              f"loss {result['loss']:.4f}, parameters fingerprint {result['params_fingerprint']:.10g}", flush=True)
+    return 0
+
+
 def _demo(arguments: argparse.Namespace) -> int:
     from swarm.demo import run_demo
 
@@ -204,7 +251,7 @@ def _demo(arguments: argparse.Namespace) -> int:
                     cache_dir=arguments.cache_dir)
 
 
-_COMMANDS = {"dht": _dht, "peer": _peer, "generate": _generate, "status": _status, "demo": _demo}
+_COMMANDS = {"dht": _dht, "peer": _peer, "generate": _generate, "status": _status, "train": _train, "demo": _demo}
 
 if __name__ == "__main__":
     sys.exit(main())

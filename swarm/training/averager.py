@@ -30,6 +30,20 @@ from hivemind.utils.asyncio import achain, aiter_with_timeout, anext, as_aiter
 from swarm.training.allreduce import Aggregate, AggregatingAllReduceRunner, RoundFailed
 
 logger = logging.getLogger(__name__)
+# hivemind advises power-of-two groups (its key bucketing, which a run of one bucket does not use)
+logging.getLogger("hivemind.averaging.key_manager").setLevel(logging.ERROR)
+
+
+class _QuietAbandonedWaits(logging.Filter):
+    """hivemind's part reducer leaves an `Event.wait()` task per part for the garbage collector,
+    which asyncio then reports as an error; they are harmless, so keep them out of our logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("Task was destroyed but it is pending")
+                    and "Event.wait()" in record.getMessage())
+
+
+logging.getLogger("asyncio").addFilter(_QuietAbandonedWaits())
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _STATE_CHUNK = 1024 * 1024  # under hivemind's 4 MiB message cap
@@ -39,7 +53,7 @@ _STATE_CHUNK = 1024 * 1024  # under hivemind's 4 MiB message cap
 class AveragingOptions:
     min_matchmaking_time: float = 2.0  # leaders wait this long for followers before starting a round
     request_timeout: float = 1.0  # a join request unanswered this long moves on to the next leader
-    matchmaking_timeout: float = 10.0  # no group by then: the round did not happen
+    matchmaking_timeout: float = 5.0  # no group by then: the round did not happen
     round_timeout: float = 30.0  # the all-reduce itself; a round not done by then failed
     sender_timeout: float = 5.0  # a groupmate silent this long mid-round is left out of the parts it missed
     reducer_timeout: float = 10.0  # a reducer silent this long fails the round (all or nothing)
@@ -100,6 +114,7 @@ class GroupAverager(ServicerBase):
         self._running_groups: dict[bytes, asyncio.Future] = {}
         self._groups_registered = asyncio.Event()
         self._groups_registered.set()
+        self.round_started: Callable[[], None] | None = None  # tests: called once a round's all-reduce began
 
     @property
     def peer_id(self) -> PeerID:
@@ -142,6 +157,8 @@ class GroupAverager(ServicerBase):
                 sender_timeout=options.sender_timeout, reducer_timeout=options.reducer_timeout,
                 aggregate=aggregate)
             registered.set_result(runner)
+            if self.round_started is not None:
+                self.round_started()
             try:
                 averaged = await asyncio.wait_for(runner.run_to_completion(tensors), options.round_timeout)
             except RoundFailed:

@@ -37,7 +37,7 @@ class CollaborativeOptimizer:
                  initial_peers: Sequence[str], target_batch_size: int, batch_size_per_step: int | None = None,
                  aggregator: str | Aggregate = "mean", num_byzantine: int = 0,
                  averaging: AveragingOptions = AveragingOptions(), network: NetworkOptions = NetworkOptions(),
-                 load_state: bool = True, round_attempts: int = 3, progress_period: float = 0.5,
+                 load_state: bool = True, round_attempts: int = 3, progress_period: float = 0.25,
                  progress_expiry: float = 5.0, client: SwarmClient | None = None):
         self.params = [param for param in params]
         self.optimizer, self.run_id = optimizer, check_run_id(run_id)
