@@ -36,6 +36,14 @@ def family_classes(model_type: str) -> tuple[type[nn.Module], type[nn.Module]]:
     return getattr(module, layer_name), getattr(module, rotary_name)
 
 
+def add_prompt(hidden_states: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """hidden states [batch, tokens, hidden] with `prompt` [prompt tokens, hidden] added to the
+    first positions of every sequence. Out of place: the caller's tensor stays as it was, and
+    autograd sees the sum (its gradient reaches the prompt summed over the batch)."""
+    length = prompt.shape[0]
+    return torch.cat([hidden_states[:, :length] + prompt, hidden_states[:, length:]], dim=1)
+
+
 class AttentionCache:
     """Keys and values of one session for a run of consecutive blocks, preallocated to max_length.
 
@@ -113,20 +121,30 @@ class BlockSpan(nn.Module):
 
     @torch.inference_mode()
     def forward(self, hidden_states: torch.Tensor, start: int, end: int, position: int = 0,
-                cache: AttentionCache | None = None) -> torch.Tensor:
-        return self._run_layers(hidden_states, start, end, position, cache)
+                cache: AttentionCache | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """`prompts` [end - start, prompt tokens, hidden]: deep prompts, one added before each
+        block to the first positions of every sequence (whole sequences only: no cache)."""
+        return self._run_layers(hidden_states, start, end, position, cache, prompts)
 
-    def backward(self, hidden_states: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Gradient of blocks start:end with respect to their inputs (the weights stay frozen):
-        the forward is recomputed with autograd on, so peers keep no activations between calls."""
+    def backward(self, hidden_states: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int,
+                 prompts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients of blocks start:end with respect to their inputs and to their deep prompts
+        (None without prompts; the weights stay frozen): the forward is recomputed with autograd
+        on, so peers keep no activations between calls."""
         with torch.enable_grad():
             inputs = hidden_states.detach().requires_grad_(True)
-            outputs = self._run_layers(inputs, start, end, 0, None)
-            (grad_inputs,) = torch.autograd.grad(outputs, inputs, grad_outputs)
-        return grad_inputs
+            if prompts is None:
+                outputs = self._run_layers(inputs, start, end, 0, None)
+                return torch.autograd.grad(outputs, inputs, grad_outputs)[0], None
+            prompts = prompts.detach().requires_grad_(True)
+            outputs = self._run_layers(inputs, start, end, 0, None, prompts)
+            grad_inputs, grad_prompts = torch.autograd.grad(outputs, (inputs, prompts), grad_outputs)
+        return grad_inputs, grad_prompts
 
     def _run_layers(self, hidden_states: torch.Tensor, start: int, end: int, position: int,
-                    cache: AttentionCache | None) -> torch.Tensor:
+                    cache: AttentionCache | None, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        if prompts is not None and (position != 0 or cache is not None):
+            raise ValueError("deep prompts apply to whole sequences from position 0, without a cache")
         batch_size, new_tokens, _ = hidden_states.shape
         positions = torch.arange(position, position + new_tokens).unsqueeze(0).expand(batch_size, -1)
         position_embeddings = self.rotary(hidden_states, positions)
@@ -136,7 +154,9 @@ class BlockSpan(nn.Module):
             if new_tokens > 1 and position > 0:  # new tokens see the whole prefix and their own causal past
                 past = torch.arange(position + new_tokens).unsqueeze(0)
                 mask = (past <= positions[:1].unsqueeze(-1)).unsqueeze(0)  # [1, 1, new, total]
-        for layer in self.layers[start - self.start : end - self.start]:
+        for index, layer in enumerate(self.layers[start - self.start : end - self.start]):
+            if prompts is not None:
+                hidden_states = add_prompt(hidden_states, prompts[index])
             hidden_states = layer(hidden_states, attention_mask=mask, position_ids=positions,
                                   past_key_values=cache, position_embeddings=position_embeddings)
         if cache is not None:

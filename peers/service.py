@@ -1,4 +1,4 @@
-"""The RPCs a peer answers: streaming inference sessions and one-shot forwards.
+"""The RPCs a peer answers: streaming inference sessions, one-shot forwards and backwards.
 
 Each inference session is one bidirectional stream: an `OpenSession` message, then `Step`s,
 each answered by a `StepResult`. The session's attention cache lives as long as the stream.
@@ -185,7 +185,7 @@ class BlockService:
     async def rpc_forward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                           context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         async def forward(request: Forward) -> Message:
-            output = await self._run(request.hidden_states, request.start, request.end)
+            output = await self._run(request.hidden_states, request.start, request.end, prompts=request.prompts)
             return ForwardResult(hidden_states=output)
 
         for frame in await self._one_shot(requests, context, Forward, forward):
@@ -194,10 +194,10 @@ class BlockService:
     async def rpc_backward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                            context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         async def backward(request: Backward) -> Message:
-            grad_inputs = await asyncio.get_running_loop().run_in_executor(
+            grad_inputs, grad_prompts = await asyncio.get_running_loop().run_in_executor(
                 self.compute, self.blocks.backward, request.hidden_states, request.grad_outputs, request.start,
-                request.end)
-            return BackwardResult(grad_inputs=grad_inputs)
+                request.end, request.prompts)
+            return BackwardResult(grad_inputs=grad_inputs, grad_prompts=grad_prompts)
 
         for frame in await self._one_shot(requests, context, Backward, backward):
             yield frame

@@ -167,21 +167,43 @@ class StepResult(Message):
     hidden_states: torch.Tensor
 
 
+def _check_prompts(message: Forward | Backward) -> None:
+    """Deep prompts [end - start, prompt tokens, hidden]: one per block, added to the first
+    positions of every sequence of the batch before that block."""
+    prompts, hidden = message.prompts, message.hidden_states
+    if prompts is None:
+        return
+    if hidden.dim() != 3:
+        raise ProtocolError(f"hidden states must be [batch, tokens, hidden], got {list(hidden.shape)}")
+    blocks = message.end - message.start
+    if prompts.dim() != 3 or prompts.shape[0] != blocks or prompts.shape[2] != hidden.shape[2]:
+        raise ProtocolError(f"prompts must be [{blocks} blocks ({message.start}:{message.end}), tokens, "
+                            f"{hidden.shape[2]}], got {list(prompts.shape)}")
+    if prompts.dtype != hidden.dtype:
+        raise ProtocolError(f"prompts must have the dtype of the hidden states ({hidden.dtype}), got {prompts.dtype}")
+    if not 0 < prompts.shape[1] <= hidden.shape[1]:
+        raise ProtocolError(f"{prompts.shape[1]} prompt tokens do not fit sequences of {hidden.shape[1]} tokens "
+                            f"(1 to that many)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Forward(Message):
-    """One-shot forward of whole sequences through blocks start:end, no cache kept."""
+    """One-shot forward of whole sequences through blocks start:end, no cache kept; with
+    deep `prompts` (see `_check_prompts`) added before each block."""
 
     type_name: ClassVar[str] = "forward"
-    tensor_fields: ClassVar[tuple[str, ...]] = ("hidden_states",)
+    tensor_fields: ClassVar[tuple[str, ...]] = ("hidden_states", "prompts")
     model: str
     fingerprint: str
     start: int
     end: int
     hidden_states: torch.Tensor
     protocol_version: int = PROTOCOL_VERSION
+    prompts: torch.Tensor | None = None
 
     def check(self) -> None:
         _require_int(self, "start", "end", "protocol_version")
+        _check_prompts(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,11 +215,12 @@ class ForwardResult(Message):
 
 @dataclasses.dataclass(frozen=True)
 class Backward(Message):
-    """Gradients with respect to the inputs of blocks start:end, given those inputs and the
-    gradients of their outputs (the blocks themselves stay frozen)."""
+    """Gradients with respect to the inputs of blocks start:end (and to their deep `prompts`,
+    when given), given those inputs and the gradients of their outputs (the blocks themselves
+    stay frozen)."""
 
     type_name: ClassVar[str] = "backward"
-    tensor_fields: ClassVar[tuple[str, ...]] = ("hidden_states", "grad_outputs")
+    tensor_fields: ClassVar[tuple[str, ...]] = ("hidden_states", "grad_outputs", "prompts")
     model: str
     fingerprint: str
     start: int
@@ -205,19 +228,22 @@ class Backward(Message):
     hidden_states: torch.Tensor
     grad_outputs: torch.Tensor
     protocol_version: int = PROTOCOL_VERSION
+    prompts: torch.Tensor | None = None
 
     def check(self) -> None:
         _require_int(self, "start", "end", "protocol_version")
         if self.hidden_states.shape != self.grad_outputs.shape:
             raise ProtocolError(f"grad_outputs {list(self.grad_outputs.shape)} must have the shape of "
                                 f"hidden_states {list(self.hidden_states.shape)}")
+        _check_prompts(self)
 
 
 @dataclasses.dataclass(frozen=True)
 class BackwardResult(Message):
     type_name: ClassVar[str] = "backward_result"
-    tensor_fields: ClassVar[tuple[str, ...]] = ("grad_inputs",)
+    tensor_fields: ClassVar[tuple[str, ...]] = ("grad_inputs", "grad_prompts")
     grad_inputs: torch.Tensor
+    grad_prompts: torch.Tensor | None = None  # when the request had prompts: same shape as those
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,6 +48,7 @@ class DistributedModelForCausalLM(nn.Module):
             self.generation_config = GenerationConfig.from_model_config(self.config)
         self.view = SwarmView(client, store.identity, store.num_blocks)
         self.prompt_embeddings: nn.Parameter | None = None  # shallow soft prompt, see enable_prompt_tuning
+        self.deep_prompts: nn.Parameter | None = None  # [num_blocks, prompt tokens, hidden], fed to the peers
 
     @classmethod
     def from_pretrained(cls, model: str, initial_peers: Sequence[str], cache_dir: str | Path | None = None,
@@ -81,14 +82,25 @@ class DistributedModelForCausalLM(nn.Module):
     def logits_from_hidden(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden_states))
 
-    def enable_prompt_tuning(self, num_tokens: int, seed: int = 0) -> nn.Parameter:
+    def enable_prompt_tuning(self, num_tokens: int, seed: int = 0, deep: bool = False
+                             ) -> nn.Parameter | list[nn.Parameter]:
         """A trainable soft prompt of `num_tokens` positions put before every input (shallow
         prompt tuning); initialised from the embeddings of random tokens. Train it like any
-        parameter: the gradient comes back through the peers."""
+        parameter: the gradient comes back through the peers. Returns that parameter.
+
+        `deep=True` adds deep prompts (`deep_prompts`, [num_blocks, num_tokens, hidden], zeros at
+        first so the model starts as with the shallow prompt alone): before block i, the peer
+        serving it adds deep_prompts[i] to the soft prompt's positions (as Petals' deep_ptune).
+        Returns both parameters then: [prompt_embeddings, deep_prompts]."""
         generator = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, self.config.vocab_size, (num_tokens,), generator=generator)
         self.prompt_embeddings = nn.Parameter(self.embed_tokens.weight[tokens].detach().clone())
-        return self.prompt_embeddings
+        self.deep_prompts = None
+        if not deep:
+            return self.prompt_embeddings
+        self.deep_prompts = nn.Parameter(torch.zeros(self.num_blocks, num_tokens, self.config.hidden_size,
+                                                     dtype=self.prompt_embeddings.dtype))
+        return [self.prompt_embeddings, self.deep_prompts]
 
     def embed(self, input_ids: torch.Tensor, at_start: bool = True) -> torch.Tensor:
         """Input embeddings, with the soft prompt in front when the sequence starts here."""
@@ -103,15 +115,20 @@ class DistributedModelForCausalLM(nn.Module):
                 **unused: Any) -> CausalLMOutputWithPast:
         """HF semantics: logits for every input position, and the shifted cross-entropy loss when
         labels are given (-100 is ignored). Differentiable: `loss.backward()` flows through the
-        peers into the embeddings, the head, the norm and the soft prompt."""
+        peers into the embeddings, the head, the norm and the soft prompts (shallow and deep)."""
         _check_no_padding(attention_mask)
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
         prompt_length = self.prompt_embeddings.shape[0] if self.prompt_embeddings is not None else 0
-        if torch.is_grad_enabled() and inputs_embeds.requires_grad:
-            hidden_states = RemoteBlocks.apply(inputs_embeds, self)
+        deep = self.deep_prompts
+        if deep is not None and deep.shape[1] > inputs_embeds.shape[1]:
+            raise ValueError(f"{deep.shape[1]} deep prompt tokens need at least as many input positions, "
+                             f"got {inputs_embeds.shape[1]}")
+        if torch.is_grad_enabled() and (inputs_embeds.requires_grad or (deep is not None and deep.requires_grad)):
+            hidden_states = RemoteBlocks.apply(inputs_embeds, deep, self)
         else:
-            hidden_states = self.client.run(forward_through(self.client, self.view, inputs_embeds.detach()))
+            hidden_states = self.client.run(forward_through(self.client, self.view, inputs_embeds.detach(),
+                                                            prompts=deep))
         logits = self.logits_from_hidden(hidden_states)[:, prompt_length:]
         loss = None
         if labels is not None:
@@ -123,6 +140,9 @@ class DistributedModelForCausalLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  session: InferenceSession | None = None, **kwargs: Any) -> torch.Tensor:
         _check_no_padding(attention_mask)
+        if self.deep_prompts is not None:  # inference steps carry no prompts: the answer would silently ignore them
+            raise NotImplementedError("generate() does not support deep prompts yet (inference sessions do not "
+                                      "carry them); model(...) applies them")
         return generate(self, input_ids, session=session, **kwargs)
 
     def close(self) -> None:

@@ -1,12 +1,14 @@
 """Requests sent straight to a peer's RPC: every bad one gets a clear refusal, and the peer
 answers a normal request right after."""
 
+import re
+
 import pytest
 import torch
 
 from protocol import PROTOCOL_VERSION
-from protocol.messages import (FORWARD_RPC, INFERENCE_RPC, Forward, ForwardResult, OpenSession,
-                               SessionOpened, Step, StepResult)
+from protocol.messages import (BACKWARD_RPC, FORWARD_RPC, INFERENCE_RPC, Backward, BackwardResult, Forward,
+                               ForwardResult, OpenSession, SessionOpened, Step, StepResult)
 from swarm.local_swarm import LocalSwarm
 from swarm.retry import RetryPolicy
 from swarm.routing import Hop
@@ -127,6 +129,35 @@ def test_forward_rpc_refuses_bad_shapes_and_serves_good_ones(peer):
     assert isinstance(model.client.run(exchange(model, child, [bad], rpc=FORWARD_RPC))[0], PeerError)
     reply = model.client.run(exchange(model, child, [good], rpc=FORWARD_RPC))[0]
     assert isinstance(reply, ForwardResult) and reply.hidden_states.shape == (2, 5, 64)
+
+
+BAD_PROMPTS = {
+    "not one per block": (torch.randn(2, 2, 64), r"prompts must be \[4 blocks \(0:4\), tokens, 64\]"),
+    "more tokens than the sequence": (torch.randn(4, 6, 64), "6 prompt tokens do not fit sequences of 5"),
+    "wrong dtype": (torch.randn(4, 2, 64).half(), "dtype of the hidden states"),
+}
+
+
+def one_shot(model, rpc, prompts):
+    identity, hidden = model.store.identity, torch.randn(2, 5, 64)
+    fields = dict(model=identity.name, fingerprint=identity.fingerprint, start=0, end=4, hidden_states=hidden,
+                  prompts=prompts)
+    return Forward(**fields) if rpc == FORWARD_RPC else Backward(**fields, grad_outputs=torch.randn(2, 5, 64))
+
+
+@pytest.mark.parametrize("rpc", [FORWARD_RPC, BACKWARD_RPC])
+@pytest.mark.parametrize("case", list(BAD_PROMPTS))
+def test_malformed_deep_prompts_are_refused_and_peer_keeps_serving(peer, case, rpc):
+    model, child = peer
+    prompts, expected = BAD_PROMPTS[case]
+    reply = model.client.run(exchange(model, child, [one_shot(model, rpc, prompts)], rpc=rpc))[0]
+    assert isinstance(reply, PeerError) and re.search(expected, str(reply)), reply
+    good = model.client.run(exchange(model, child, [one_shot(model, rpc, torch.randn(4, 2, 64))], rpc=rpc))[0]
+    if rpc == FORWARD_RPC:
+        assert isinstance(good, ForwardResult) and good.hidden_states.shape == (2, 5, 64)
+    else:
+        assert isinstance(good, BackwardResult) and good.grad_prompts.shape == (4, 2, 64)
+    assert_still_serving(model, child)
 
 
 def test_session_limit_refuses_clearly_and_frees_on_close(peer):

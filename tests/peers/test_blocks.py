@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from peers.blocks import BlockSpan
+from peers.blocks import BlockSpan, add_prompt
 from protocol.weights import open_model
 
 
@@ -101,4 +101,46 @@ def test_backward_gives_the_input_gradient_of_the_layers(tiny):
         hidden = layer(hidden, position_ids=positions, position_embeddings=rotary)
     grad_outputs = torch.randn(2, 5, 64)
     (expected,) = torch.autograd.grad(hidden, inputs, grad_outputs)
-    torch.testing.assert_close(blocks.backward(inputs.detach(), grad_outputs, 1, 3), expected, rtol=1e-5, atol=1e-6)
+    grad_inputs, grad_prompts = blocks.backward(inputs.detach(), grad_outputs, 1, 3)
+    torch.testing.assert_close(grad_inputs, expected, rtol=1e-5, atol=1e-6)
+    assert grad_prompts is None
+
+
+def layers_with_deep_prompts(reference, hidden, prompts, first):
+    """The reference layers first.. with prompts[i] added to the first positions before layer first+i."""
+    positions = torch.arange(hidden.shape[1]).unsqueeze(0).expand(hidden.shape[0], -1)
+    rotary = reference.model.rotary_emb(hidden, positions)
+    for index, prompt in enumerate(prompts):
+        hidden = torch.cat([hidden[:, : prompt.shape[0]] + prompt, hidden[:, prompt.shape[0] :]], dim=1)
+        hidden = reference.model.layers[first + index](hidden, position_ids=positions, position_embeddings=rotary)
+    return hidden
+
+
+def test_add_prompt_touches_only_the_first_positions_and_leaves_the_input():
+    hidden, prompt = torch.zeros(2, 5, 3), torch.ones(2, 3)
+    added = add_prompt(hidden, prompt)
+    assert added[:, :2].eq(1).all() and added[:, 2:].eq(0).all() and hidden.eq(0).all()
+
+
+def test_deep_prompts_forward_and_gradients_equal_the_reference_layers(tiny):
+    store, reference = tiny
+    blocks = BlockSpan(store, 0, 4)
+    inputs = torch.randn(2, 6, 64, requires_grad=True)
+    prompts = (0.5 * torch.randn(2, 3, 64)).requires_grad_(True)  # for blocks 1:3, 3 prompt tokens
+    expected = layers_with_deep_prompts(reference, inputs, prompts, 1)
+    grad_outputs = torch.randn(2, 6, 64)
+    expected_inputs, expected_prompts = torch.autograd.grad(expected, (inputs, prompts), grad_outputs)
+
+    output = blocks(inputs.detach(), 1, 3, prompts=prompts.detach())
+    torch.testing.assert_close(output, expected.detach(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(output, blocks(inputs.detach(), 1, 3), atol=1e-3)  # the prompts do change the output
+    grad_inputs, grad_prompts = blocks.backward(inputs.detach(), grad_outputs, 1, 3, prompts.detach())
+    torch.testing.assert_close(grad_inputs, expected_inputs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_prompts, expected_prompts, rtol=1e-5, atol=1e-6)
+
+
+def test_deep_prompts_are_refused_on_cached_steps(tiny):
+    store, _ = tiny
+    blocks = BlockSpan(store, 0, 1)
+    with pytest.raises(ValueError, match="without a cache"):
+        blocks(torch.randn(1, 2, 64), 0, 1, 0, blocks.new_cache(0, 1, 1, 4), prompts=torch.zeros(1, 1, 64))

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from protocol import MAX_MESSAGE_BYTES
-from protocol.messages import (ErrorReply, FrameJoiner, OpenSession, ProtocolError, Step, decode, encode,
-                               tensor_from_wire, tensor_to_wire, to_frames)
+from protocol.messages import (Backward, BackwardResult, ErrorReply, Forward, FrameJoiner, OpenSession, ProtocolError,
+                               Step, decode, encode, tensor_from_wire, tensor_to_wire, to_frames)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -68,3 +68,52 @@ def test_joined_size_limit_and_order_enforced():
             joiner.push(frame)
     with pytest.raises(ProtocolError, match="out of order"):
         FrameJoiner(64 << 20).push(frames[1])
+
+
+def forward(prompts=None, hidden=None, start=1, end=3):
+    return Forward(model="m", fingerprint="f", start=start, end=end,
+                   hidden_states=torch.randn(2, 5, 8) if hidden is None else hidden, prompts=prompts)
+
+
+def test_deep_prompts_travel_with_forward_and_backward():
+    prompts = torch.randn(2, 3, 8)
+    decoded = decode(encode(forward(prompts)))
+    assert isinstance(decoded, Forward) and torch.equal(decoded.prompts, prompts)
+    backward = Backward(model="m", fingerprint="f", start=1, end=3, hidden_states=torch.randn(2, 5, 8),
+                        grad_outputs=torch.randn(2, 5, 8), prompts=prompts)
+    assert torch.equal(decode(encode(backward)).prompts, prompts)
+    result = decode(encode(BackwardResult(grad_inputs=torch.zeros(1), grad_prompts=prompts)))
+    assert torch.equal(result.grad_prompts, prompts)
+
+
+def test_messages_without_prompts_still_read():
+    wire = msgpack.unpackb(encode(forward()))
+    del wire["prompts"]  # as sent before deep prompts existed
+    decoded = decode(msgpack.packb(wire))
+    assert isinstance(decoded, Forward) and decoded.prompts is None
+    wire = msgpack.unpackb(encode(BackwardResult(grad_inputs=torch.zeros(2))))
+    del wire["grad_prompts"]
+    assert decode(msgpack.packb(wire)).grad_prompts is None
+
+
+BAD_PROMPTS = {
+    "first dim is not end - start": (dict(prompts=torch.randn(3, 2, 8)), r"\[2 blocks \(1:3\), tokens, 8\]"),
+    "wrong hidden size": (dict(prompts=torch.randn(2, 2, 7)), r"got \[2, 2, 7\]"),
+    "not three dimensions": (dict(prompts=torch.randn(2, 8)), r"got \[2, 8\]"),
+    "more tokens than the sequence": (dict(prompts=torch.randn(2, 6, 8)), "6 prompt tokens do not fit sequences of 5"),
+    "no tokens": (dict(prompts=torch.randn(2, 0, 8)), "0 prompt tokens"),
+    "other dtype than the hidden states": (dict(prompts=torch.randn(2, 2, 8).half()), "dtype of the hidden states"),
+    "hidden states not 3-d": (dict(prompts=torch.randn(2, 2, 8), hidden=torch.randn(5, 8)), "hidden states must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PROMPTS))
+def test_malformed_prompts_are_refused_in_one_line(case):
+    changes, expected = BAD_PROMPTS[case]
+    with pytest.raises(ProtocolError, match=expected) as error:
+        decode(encode(forward(**changes)))
+    assert "\n" not in str(error.value)
+    with pytest.raises(ProtocolError, match=expected):
+        hidden = changes.get("hidden", torch.randn(2, 5, 8))
+        decode(encode(Backward(model="m", fingerprint="f", start=1, end=3, hidden_states=hidden, grad_outputs=hidden,
+                               prompts=changes["prompts"])))
