@@ -98,6 +98,24 @@ class LocalSwarm:
         child.peer_id = first.removeprefix("peer id ")
         return child
 
+    def start_trainer(self, task: str, run_id: str, extra: Sequence[str] = (), name: str | None = None
+                      ) -> LocalProcess:
+        """One `swarm train` peer; its stdout's last line is the JSON result (see `trainer_result`)."""
+        arguments = ["train", task, "--run-id", run_id, "--json", "--no-progress",
+                     "--initial-peers", *self.initial_peers, *extra]
+        child = self._spawn(name or f"trainer{len(self.peers)}", arguments)
+        self.peers.append(child)
+        return child
+
+    @staticmethod
+    def trainer_result(child: LocalProcess, timeout: float = 600.0) -> dict:
+        import json
+
+        output, _ = child.process.communicate(timeout=timeout)
+        if child.process.returncode != 0:
+            raise LocalSwarmError(f"{child.name} exited with {child.process.returncode}:\n{child.log_tail()}")
+        return json.loads(output.strip().splitlines()[-1])
+
     def wait_until_online(self, client_view, peers: Sequence[LocalProcess] | None = None) -> None:
         """Poll the DHT through a client's SwarmView until the given peers are online."""
         wanted = {child.peer_id for child in (peers if peers is not None else self.peers)}

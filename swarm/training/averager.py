@@ -120,6 +120,10 @@ class GroupAverager(ServicerBase):
     def peer_id(self) -> PeerID:
         return self._p2p.peer_id
 
+    @property
+    def looking_for_group(self) -> bool:
+        return self._matchmaking is not None and self._matchmaking.is_looking_for_group
+
     async def start(self) -> None:
         await self.add_p2p_handlers(self._p2p, namespace=self.prefix)
 

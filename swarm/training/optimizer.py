@@ -12,6 +12,7 @@ downloads the current state from a peer ahead instead of averaging stale gradien
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import logging
@@ -124,9 +125,24 @@ class CollaborativeOptimizer:
 
     def _average(self, tensors: Sequence[torch.Tensor], tag: str, expected_group_size: int) -> RoundResult | None:
         options = self.averager.options
-        return self.client.run(self.averager.average(tensors, tag, self.aggregate, expected_group_size,
-                                                     gather=self._progress().to_wire()),
+        return self.client.run(self._average_unless_left_behind(tensors, tag, expected_group_size),
                                timeout=options.matchmaking_timeout + options.round_timeout + 10)
+
+    async def _average_unless_left_behind(self, tensors: Sequence[torch.Tensor], tag: str, expected_group_size: int
+                                          ) -> RoundResult | None:
+        """A round, given up while still looking for a group once the run has moved past our step:
+        the partners we wait for are gone, and their state is what we need (download, not wait)."""
+        round_task = asyncio.create_task(self.averager.average(tensors, tag, self.aggregate, expected_group_size,
+                                                               gather=self._progress().to_wire()))
+        while True:
+            done, _ = await asyncio.wait({round_task}, timeout=self.progress_period)
+            if done:
+                return round_task.result()
+            if self.averager.looking_for_group and peers_ahead(self.others, self.epoch):
+                round_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await round_task
+                return None
 
     def _apply(self, gradients: Sequence[torch.Tensor], group: Sequence[str]) -> None:
         with self._lock:
