@@ -28,7 +28,7 @@ from swarm.client import ClientOptions, SwarmClient
 from swarm.robust import get_aggregator
 from swarm.training.allreduce import Aggregate, RoundFailed
 from swarm.training.averager import AveragingOptions, GroupAverager, RoundResult, check_run_id
-from swarm.training.progress import Progress, peers_ahead, peers_at_epoch, ready_for_step
+from swarm.training.progress import Progress, peers_ahead, ready_for_step, replicas_disagree
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class CollaborativeOptimizer:
         self._accumulated = [torch.zeros_like(param) for param in self.params]
         self._lock = threading.RLock()  # the replica's state: held while stepping and while serving it
         self._rate = _RateMeter()
+        self._next_download = 0.0
         self.done = False
         self._owns_client = client is None
         self.client = client or SwarmClient(ClientOptions(initial_peers=tuple(initial_peers),
@@ -111,7 +112,9 @@ class CollaborativeOptimizer:
             if not [progress for progress in self.others if not progress.done]:
                 self._apply(gradients, group=())  # alone in the run: nothing to wait for
                 return True
-            expected = len(peers_at_epoch(self.others, self.epoch)) + 1
+            # a partner one step behind in our view has usually just taken that step (the view lags):
+            # wait for it rather than leave it out; peers further behind will download the state
+            expected = 1 + len([p for p in self.others if p.epoch >= self.epoch - 1 and not p.done])
             try:
                 result = self._average(gradients, f"gradients-{self.epoch}", expected)
             except RoundFailed as error:
@@ -119,6 +122,11 @@ class CollaborativeOptimizer:
                 continue
             if result is not None:
                 self._apply(result.tensors, group=result.peer_ids)
+                if replicas_disagree(result.gathered.values()):
+                    # replicas that stepped alone (before they saw each other) or missed a download: the
+                    # whole group (all see the same fingerprints) averages parameters and optimizer state
+                    logger.info(f"the group's replicas differed at step {self.epoch}: averaging their state")
+                    self._average_state(f"repair-{self.epoch}", len(result.peer_ids), with_optimizer=True)
                 return True
             logger.info(f"no group formed for step {self.epoch + 1} (attempt {attempt + 1}); retrying")
         return False  # keep accumulating: the next step() tries again
@@ -132,8 +140,9 @@ class CollaborativeOptimizer:
                                           ) -> RoundResult | None:
         """A round, given up while still looking for a group once the run has moved past our step:
         the partners we wait for are gone, and their state is what we need (download, not wait)."""
+        gather = {**self._progress().to_wire(), "fingerprint": self._fingerprint()}
         round_task = asyncio.create_task(self.averager.average(tensors, tag, self.aggregate, expected_group_size,
-                                                               gather=self._progress().to_wire()))
+                                                               gather=gather))
         while True:
             done, _ = await asyncio.wait({round_task}, timeout=self.progress_period)
             if done:
@@ -163,19 +172,41 @@ class CollaborativeOptimizer:
             partners = [p for p in self.others if p.epoch >= self.epoch and not p.done]
             if not partners:
                 return False
-            with self._lock:
-                values = [param.detach().clone() for param in self.params]
-            try:
-                result = self._average(values, f"parameters-{tag}-{self.epoch}", len(partners) + 1)
-            except RoundFailed as error:
-                logger.warning(f"parameter averaging failed ({error}); retrying")
-                continue
-            if result is not None:
-                with self._lock, torch.no_grad():
-                    for param, value in zip(self.params, result.tensors):
-                        param.copy_(value.reshape(param.shape))
+            if self._average_state(f"parameters-{tag}-{self.epoch}", len(partners) + 1, with_optimizer=False):
                 return True
         return False
+
+    def _average_state(self, tag: str, expected_group_size: int, with_optimizer: bool) -> bool:
+        with self._lock:
+            tensors = self._state_tensors(with_optimizer)
+            values = [tensor.detach().clone() for tensor in tensors]
+        try:
+            result = self._average(values, tag, expected_group_size)
+        except RoundFailed as error:
+            logger.warning(f"averaging the state ({tag}) failed: {error}")
+            return False
+        if result is None:
+            return False
+        with self._lock, torch.no_grad():
+            for tensor, value in zip(tensors, result.tensors):
+                tensor.copy_(value.reshape(tensor.shape))
+        return True
+
+    def _state_tensors(self, with_optimizer: bool) -> list[torch.Tensor]:
+        """The parameters, then (optionally) the optimizer's floating-point statistics, in a fixed order."""
+        tensors = list(self.params)
+        if with_optimizer:
+            for param in self.params:
+                state = self.optimizer.state.get(param, {})
+                tensors += [state[key] for key in sorted(state)
+                            if isinstance(state[key], torch.Tensor) and state[key].is_floating_point()
+                            and state[key].dim() > 0]
+        return tensors
+
+    def _fingerprint(self) -> list[float]:
+        with torch.no_grad():
+            flat = torch.cat([param.detach().reshape(-1).double() for param in self.params])
+            return [float(flat.sum()), float(flat.square().sum())]
 
     # ---- state: what a newcomer downloads, what a checkpoint holds
 
@@ -204,6 +235,9 @@ class CollaborativeOptimizer:
 
     def load_state_from_peers(self) -> bool:
         """Download the state of the most advanced peer (trying the next on failure)."""
+        if time.monotonic() < self._next_download:
+            return False
+        self._next_download = time.monotonic() + 1.0  # unreachable peers: retry after their records refresh
         for progress in peers_ahead(self.others, self.epoch - 1):
             if progress.epoch < self.epoch:
                 break
@@ -262,6 +296,17 @@ class CollaborativeOptimizer:
         """Tell the run this peer is done, so that nobody waits for it in a group."""
         self.done = True
         self.refresh_progress()
+
+    def wait_for_stragglers(self, final_epoch: int, timeout: float = 60.0) -> None:
+        """Stay reachable until every live peer of the run has reached `final_epoch` (they download
+        the final state from us), or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            behind = [p for p in self.refresh_progress() if p.epoch < final_epoch and not p.done]
+            if not behind:
+                return
+            time.sleep(self.progress_period)
+        logger.warning(f"leaving while {len(behind)} peer(s) have not reached step {final_epoch}")
 
     def close(self) -> None:
         async def cancel() -> None:

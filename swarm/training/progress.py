@@ -50,3 +50,19 @@ def ready_for_step(mine: Progress, others: Iterable[Progress], target_batch_size
     """True once the peers at our epoch have accumulated `target_batch_size` samples in all."""
     gathered = mine.samples + sum(progress.samples for progress in peers_at_epoch(others, mine.epoch))
     return mine.samples > 0 and gathered >= target_batch_size
+
+
+def replicas_disagree(gathered: Iterable[Any], relative_tolerance: float = 1e-5) -> bool:
+    """Whether a group's members started a round from different parameters, judged from the
+    fingerprints (float64 sum and sum of squares) each sent along. Every member sees the same
+    gathered values, so every member reaches the same verdict. A missing or malformed
+    fingerprint counts as a disagreement: repairing costs one round, diverging costs the run."""
+    fingerprints = []
+    for data in gathered:
+        fingerprint = data.get("fingerprint") if isinstance(data, dict) else None
+        if not (isinstance(fingerprint, (list, tuple)) and len(fingerprint) == 2
+                and all(isinstance(value, float) for value in fingerprint)):
+            return True
+        fingerprints.append(fingerprint)
+    return any(abs(value - reference) > relative_tolerance * max(abs(reference), 1e-12)
+               for fingerprint in fingerprints[1:] for value, reference in zip(fingerprint, fingerprints[0]))

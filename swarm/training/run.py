@@ -124,6 +124,7 @@ def _train(options: TrainOptions, settings: RunSettings, client: SwarmClient) ->
         history = _loop(options, settings, task, model, collaborative, checkpoint)
         averaged = collaborative.average_parameters("final")
         collaborative.finish()
+        collaborative.wait_for_stragglers(settings.steps)
         if checkpoint is not None:
             _save(collaborative, checkpoint)
         metrics = task.evaluate(model)

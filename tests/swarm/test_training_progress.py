@@ -81,3 +81,12 @@ def test_builtin_tasks_learn_locally(name):
 def test_unknown_task_names_the_choices():
     with pytest.raises(ValueError, match="digits, text"):
         get_task("mnist")
+
+
+def test_replicas_disagree_on_fingerprints_beyond_float_noise():
+    from swarm.training.progress import replicas_disagree
+
+    base = {"fingerprint": [65.4734308, 120.5]}
+    assert not replicas_disagree([base, {"fingerprint": [65.4734309, 120.5]}])  # rounding of the all-reduce
+    assert replicas_disagree([base, {"fingerprint": [65.4067641, 120.5]}])
+    assert replicas_disagree([base, {"epoch": 3}])  # no fingerprint: repair rather than trust
