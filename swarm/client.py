@@ -90,6 +90,15 @@ class SwarmClient:
             future.cancel()
             raise TimeoutError(f"the swarm did not answer within {timeout} s") from None
 
+    def cancel_background(self, task: asyncio.Task) -> None:
+        """Stop a task started on this client's loop (a refresher) and wait until it ended."""
+        async def cancel() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        if not self.loop.is_closed():
+            self.run(cancel(), timeout=10)
+
     def shutdown(self) -> None:
         if self.loop.is_closed():
             return
@@ -180,9 +189,4 @@ class SwarmView:
             await asyncio.sleep(min(0.5, self.client.options.refresh_period))
 
     def close(self) -> None:
-        async def cancel() -> None:
-            self._refresh_task.cancel()
-            await asyncio.gather(self._refresh_task, return_exceptions=True)
-
-        if not self.client.loop.is_closed():
-            self.client.run(cancel(), timeout=10)
+        self.client.cancel_background(self._refresh_task)

@@ -309,12 +309,7 @@ class CollaborativeOptimizer:
         logger.warning(f"leaving while {len(behind)} peer(s) have not reached step {final_epoch}")
 
     def close(self) -> None:
-        async def cancel() -> None:
-            self._progress_task.cancel()
-            await asyncio.gather(self._progress_task, return_exceptions=True)
-
-        if not self.client.loop.is_closed():
-            self.client.run(cancel(), timeout=10)
+        self.client.cancel_background(self._progress_task)
         if self._owns_client:
             self.client.shutdown()
 
