@@ -18,7 +18,7 @@ import io
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from hivemind.utils import get_dht_time
