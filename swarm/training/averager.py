@@ -154,12 +154,7 @@ class GroupAverager(ServicerBase):
         if group is None:
             return None
         with self._registered(group) as registered:
-            runner = AggregatingAllReduceRunner(
-                p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, group_id=group.group_id,
-                tensors=list(tensors), ordered_peer_ids=group.peer_ids,
-                peer_fractions=(1.0 / group.group_size,) * group.group_size,
-                sender_timeout=options.sender_timeout, reducer_timeout=options.reducer_timeout,
-                aggregate=aggregate)
+            runner = self._make_runner(group, tensors, aggregate)
             registered.set_result(runner)
             if self.round_started is not None:
                 self.round_started()
@@ -177,6 +172,16 @@ class GroupAverager(ServicerBase):
             except Exception:
                 gathered[peer_id.to_base58()] = {}
         return RoundResult(averaged, tuple(peer.to_base58() for peer in group.peer_ids), gathered)
+
+    def _make_runner(self, group: GroupInfo, tensors: Sequence[torch.Tensor], aggregate: Aggregate
+                     ) -> AggregatingAllReduceRunner:
+        """The all-reduce of one round (subclasses swap in another runner, e.g. for coded gradients)."""
+        return AggregatingAllReduceRunner(
+            p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, group_id=group.group_id,
+            tensors=list(tensors), ordered_peer_ids=group.peer_ids,
+            peer_fractions=(1.0 / group.group_size,) * group.group_size,
+            sender_timeout=self.options.sender_timeout, reducer_timeout=self.options.reducer_timeout,
+            aggregate=aggregate)
 
     @contextlib.contextmanager
     def _registered(self, group: GroupInfo):
