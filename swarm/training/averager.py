@@ -21,13 +21,18 @@ import msgpack
 import torch
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import Matchmaking
+from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import achain, aiter_with_timeout, anext, as_aiter
 
+from protocol.peer_keys import PeerKey
+from swarm.training.accountability import Accountability, AccountabilityOptions
+from swarm.training.accountable import AccountableAllReduceRunner
 from swarm.training.allreduce import Aggregate, AggregatingAllReduceRunner, RoundFailed
+from swarm.training.evidence import SignedTensor
 
 logger = logging.getLogger(__name__)
 # hivemind advises power-of-two groups (its key bucketing, which a run of one bucket does not use)
@@ -106,8 +111,16 @@ class GroupAverager(ServicerBase):
     """Averages tensors with the run's peers; serves this peer's state to newcomers."""
 
     def __init__(self, p2p: P2P, dht: DHTNode, run_id: str, options: AveragingOptions,
-                 state_provider: Callable[[], bytes]):
+                 state_provider: Callable[[], bytes], peer_key: PeerKey | None = None,
+                 accountability: AccountabilityOptions = AccountabilityOptions()):
+        """With `peer_key` (this peer's Ed25519 libp2p identity) every round is signed and verified
+        before it is applied, and lying reducers are banned and reported (swarm.training.accountability)."""
         self._p2p, self.prefix, self.options = p2p, check_run_id(run_id), options
+        self.peer_key = peer_key
+        self.accountability = (Accountability(p2p.peer_id.to_base58(), dht, run_id, accountability)
+                               if peer_key is not None else None)
+        self.lie_as_reducer = False  # tests and benches: a Byzantine reducer
+        self._reports_task: asyncio.Task | None = None
         self._dht = _MatchmakingDHT(dht, p2p.peer_id)
         self._state_provider = state_provider
         self._matchmaking: Matchmaking | None = None
@@ -126,6 +139,21 @@ class GroupAverager(ServicerBase):
 
     async def start(self) -> None:
         await self.add_p2p_handlers(self._p2p, namespace=self.prefix)
+        if self.accountability is not None:
+            self._reports_task = asyncio.create_task(self._read_reports_forever())
+
+    async def stop(self) -> None:
+        if self._reports_task is not None:
+            self._reports_task.cancel()
+            await asyncio.gather(self._reports_task, return_exceptions=True)
+
+    async def _read_reports_forever(self, period: float = 2.0) -> None:
+        while True:
+            try:
+                await self.accountability.read_reports()
+            except Exception as error:
+                logger.debug(f"reading reports failed: {error}")
+            await asyncio.sleep(period)
 
     async def average(self, tensors: Sequence[torch.Tensor], tag: str, aggregate: Aggregate,
                       expected_group_size: int | None = None, gather: dict | None = None) -> RoundResult | None:
@@ -153,6 +181,9 @@ class GroupAverager(ServicerBase):
             self._groups_registered.set()
         if group is None:
             return None
+        banned = self._banned_in(group)
+        if banned:
+            raise RoundFailed(f"the group includes banned peer(s) {', '.join(banned)}: not taking part")
         with self._registered(group) as registered:
             runner = self._make_runner(group, tensors, aggregate)
             registered.set_result(runner)
@@ -165,6 +196,9 @@ class GroupAverager(ServicerBase):
             except Exception as error:
                 raise RoundFailed(f"all-reduce with {group.group_size} peers failed: "
                                   f"{type(error).__name__}: {error}") from None
+            if self.accountability is not None:  # before anything is applied
+                await asyncio.wait_for(self.accountability.verify(runner, aggregate, self._request_reveal),
+                                       self.options.round_timeout)
         gathered = {}
         for peer_id, data in zip(group.peer_ids, group.gathered):
             try:
@@ -176,12 +210,25 @@ class GroupAverager(ServicerBase):
     def _make_runner(self, group: GroupInfo, tensors: Sequence[torch.Tensor], aggregate: Aggregate
                      ) -> AggregatingAllReduceRunner:
         """The all-reduce of one round (subclasses swap in another runner, e.g. for coded gradients)."""
-        return AggregatingAllReduceRunner(
-            p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, group_id=group.group_id,
-            tensors=list(tensors), ordered_peer_ids=group.peer_ids,
-            peer_fractions=(1.0 / group.group_size,) * group.group_size,
-            sender_timeout=self.options.sender_timeout, reducer_timeout=self.options.reducer_timeout,
-            aggregate=aggregate)
+        # hivemind assigns whole parts (512 KiB by default) to reducers: a small model would be one part,
+        # reduced (and trusted) by one peer. Parts of about 1/n of the data spread the work and the trust.
+        total_bytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        part_size = max(4096, min(DEFAULT_PART_SIZE_BYTES, -(-total_bytes // group.group_size)))
+        arguments = dict(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, group_id=group.group_id,
+                         tensors=list(tensors), ordered_peer_ids=group.peer_ids,
+                         peer_fractions=(1.0 / group.group_size,) * group.group_size,
+                         sender_timeout=self.options.sender_timeout, reducer_timeout=self.options.reducer_timeout,
+                         aggregate=aggregate, part_size_bytes=part_size)
+        if self.accountability is None:
+            return AggregatingAllReduceRunner(**arguments)
+        runner = AccountableAllReduceRunner(peer_key=self.peer_key, lie_as_reducer=self.lie_as_reducer, **arguments)
+        self.accountability.remember(runner)
+        return runner
+
+    def _banned_in(self, group: GroupInfo) -> list[str]:
+        if self.accountability is None:
+            return []
+        return [peer.to_base58() for peer in group.peer_ids if peer.to_base58() in self.accountability.banned]
 
     @contextlib.contextmanager
     def _registered(self, group: GroupInfo):
@@ -194,6 +241,9 @@ class GroupAverager(ServicerBase):
 
     async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
                              ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if self.accountability is not None and context.remote_id.to_base58() in self.accountability.banned:
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
         if self._matchmaking is None:
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_LOOKING_FOR_GROUP)
             return
@@ -221,6 +271,29 @@ class GroupAverager(ServicerBase):
         state = await asyncio.get_running_loop().run_in_executor(None, self._state_provider)
         for offset in range(0, len(state), _STATE_CHUNK):
             yield averaging_pb2.DownloadData(metadata=state[offset: offset + _STATE_CHUNK])
+
+    async def rpc_reveal_part(self, request: averaging_pb2.DownloadData, _context: P2PContext
+                              ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """The signed contributions we combined into one part of a recent round."""
+        if self.accountability is None:
+            return
+        try:
+            wanted = msgpack.unpackb(request.metadata)
+            contributions = self.accountability.reveal(bytes(wanted["group_id"]), int(wanted["part_index"]))
+        except Exception:
+            return
+        for item in contributions:
+            yield averaging_pb2.DownloadData(metadata=msgpack.packb(dataclasses.astuple(item)))
+
+    async def _request_reveal(self, reducer: str, group_id: bytes, part_index: int) -> list[SignedTensor]:
+        stub = self.get_stub(self._p2p, PeerID.from_base58(reducer), namespace=self.prefix)
+        request = averaging_pb2.DownloadData(metadata=msgpack.packb({"group_id": group_id, "part_index": part_index}))
+        stream = await stub.rpc_reveal_part(request)
+        revealed = []
+        async for message in aiter_with_timeout(stream, self.options.sender_timeout):
+            signer, tensor, signature = msgpack.unpackb(message.metadata)
+            revealed.append(SignedTensor(str(signer), bytes(tensor), bytes(signature)))
+        return revealed
 
     async def download_state(self, peer_id: str) -> bytes:
         """The serialized state of one peer (see CollaborativeOptimizer.state_bytes)."""
