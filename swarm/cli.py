@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="torch threads while several sessions generate (default: 1 on machines with 2 cores "
                            "or fewer, where spinning workers starve the network side; all otherwise)")
     peer.add_argument("--compute-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow peer
+    # tests: a lying peer: noise of this size (relative to each position's RMS) on every output after the first N
+    peer.add_argument("--corrupt-outputs", type=float, default=0.0, help=argparse.SUPPRESS)
+    peer.add_argument("--corrupt-after", type=int, default=0, help=argparse.SUPPRESS)
     _network_arguments(peer)
 
     generate = commands.add_parser("generate", help="generate text through the swarm (streams to stdout)")
@@ -82,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int)
     generate.add_argument("--seed", type=int)
     generate.add_argument("--verbose", action="store_true", help="print the route on stderr")
+    generate.add_argument("--verify", type=float, default=0.0, metavar="FRACTION",
+                          help="check each peer's first step, then this share of its steps, against another peer "
+                               "(or the client's own recomputation); liars are banned and their steps redone")
     generate.add_argument("--cache-dir")
     _network_arguments(generate, client=True)
 
@@ -110,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--aggregator", default="mean",
                           help="how a group combines its gradients: mean, median, trimmed_mean, centered_clip, krum")
     settings.add_argument("--num-byzantine", type=int, default=0, help="liars the robust aggregators tolerate")
+    train.add_argument("--verify-fraction", type=float, default=1.0,
+                       help="chance to check each reducer's part of a round before applying it (0: trust reducers)")
     train.add_argument("--die-in-round", type=int, default=0, help=argparse.SUPPRESS)  # tests: killed mid-round
+    train.add_argument("--lie-as-reducer", action="store_true", help=argparse.SUPPRESS)  # tests: a Byzantine reducer
     _network_arguments(train)
 
     demo = commands.add_parser("demo", help="start a local swarm on loopback, chat through it, stop it")
@@ -159,6 +168,7 @@ def _peer(arguments: argparse.Namespace) -> int:
         limits=ServingLimits(max_sessions=arguments.max_sessions, max_session_length=arguments.max_session_length,
                              cache_bytes=arguments.attention_cache_mib * 1024**2,
                              session_idle_timeout=arguments.session_timeout, compute_delay=arguments.compute_delay,
+                             corrupt_outputs=arguments.corrupt_outputs, corrupt_after=arguments.corrupt_after,
                              **({"busy_threads": arguments.busy_threads} if arguments.busy_threads else {})),
         throughput=arguments.throughput,
     )
@@ -174,7 +184,8 @@ def _generate(arguments: argparse.Namespace) -> int:
     if arguments.seed is not None:
         torch.manual_seed(arguments.seed)
     with DistributedModelForCausalLM.from_pretrained(arguments.model, arguments.initial_peers,
-                                                     cache_dir=arguments.cache_dir) as model:
+                                                     cache_dir=arguments.cache_dir,
+                                                     verify_fraction=arguments.verify) as model:
         tokenizer = model.tokenizer()
         input_ids = encode_prompt(tokenizer, arguments.prompt, arguments.chat)
         sampling = {}
@@ -223,7 +234,11 @@ def _train(arguments: argparse.Namespace) -> int:
     from swarm.robust import get_aggregator
     from swarm.training.run import RunSettings, TrainOptions, run_training
 
+    from swarm.training.accountability import AccountabilityOptions
+
     get_aggregator(arguments.aggregator)  # an unknown rule fails before any network start
+    if not 0.0 <= arguments.verify_fraction <= 1.0:
+        raise ValueError("--verify-fraction must be between 0 and 1")
     for name in ("steps", "target_batch_size", "batch_size", "checkpoint_every"):
         if getattr(arguments, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -235,7 +250,9 @@ def _train(arguments: argparse.Namespace) -> int:
         run_id=arguments.run_id, initial_peers=tuple(arguments.initial_peers), proposed=proposed,
         batch_size=arguments.batch_size, network=_network(arguments), checkpoint_dir=arguments.checkpoint_dir,
         checkpoint_every=arguments.checkpoint_every, progress=not arguments.no_progress,
-        die_in_round=arguments.die_in_round))
+        accountability=AccountabilityOptions(verify_fraction=arguments.verify_fraction)
+        if arguments.verify_fraction > 0 else None,
+        die_in_round=arguments.die_in_round, lie_as_reducer=arguments.lie_as_reducer))
     if arguments.json:
         print(json.dumps(result), flush=True)
     else:

@@ -16,16 +16,20 @@ import contextlib
 import dataclasses
 import io
 import logging
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 from hivemind.utils import get_dht_time
 
 from protocol.network import NetworkOptions
+from protocol.peer_keys import PeerKey
 from swarm.client import ClientOptions, SwarmClient
 from swarm.robust import get_aggregator
+from swarm.training.accountability import AccountabilityOptions
 from swarm.training.allreduce import Aggregate, RoundFailed
 from swarm.training.averager import AveragingOptions, GroupAverager, RoundResult, check_run_id
 from swarm.training.progress import Progress, peers_ahead, ready_for_step, replicas_disagree
@@ -39,7 +43,11 @@ class CollaborativeOptimizer:
                  aggregator: str | Aggregate = "mean", num_byzantine: int = 0,
                  averaging: AveragingOptions = AveragingOptions(), network: NetworkOptions = NetworkOptions(),
                  load_state: bool = True, round_attempts: int = 3, progress_period: float = 0.25,
-                 progress_expiry: float = 5.0, client: SwarmClient | None = None):
+                 progress_expiry: float = 5.0, accountability: AccountabilityOptions | None = AccountabilityOptions(),
+                 client: SwarmClient | None = None, peer_key: PeerKey | None = None):
+        """`accountability` (on by default; None turns it off) signs every round and checks reducers
+        before applying anything; it needs an Ed25519 libp2p identity: one is made unless
+        `network.identity_path` names one (or, with your own `client`, pass its `peer_key`)."""
         self.params = [param for param in params]
         self.optimizer, self.run_id = optimizer, check_run_id(run_id)
         self.target_batch_size, self.batch_size_per_step = target_batch_size, batch_size_per_step
@@ -59,10 +67,15 @@ class CollaborativeOptimizer:
         self._next_download = 0.0
         self.done = False
         self._owns_client = client is None
+        self._identity_dir = None
+        if client is None and accountability is not None:
+            network, peer_key, self._identity_dir = accountable_identity(network)
         self.client = client or SwarmClient(ClientOptions(initial_peers=tuple(initial_peers),
                                                           network=_server_mode(network)))
         try:
-            self.averager = GroupAverager(self.client.p2p, self.client.dht, run_id, averaging, self.state_bytes)
+            self.averager = GroupAverager(self.client.p2p, self.client.dht, run_id, averaging, self.state_bytes,
+                                          peer_key=peer_key if accountability is not None else None,
+                                          accountability=accountability or AccountabilityOptions())
             self.client.run(self.averager.start())
             self._progress_task = self.client.run(self._start_reporting())
             if load_state and self.refresh_progress():
@@ -255,6 +268,12 @@ class CollaborativeOptimizer:
 
     # ---- progress in the DHT
 
+    @property
+    def banned(self) -> dict[str, str]:
+        """Peers left out of our groups, downloads and counts (peer id -> why)."""
+        accountability = self.averager.accountability if hasattr(self, "averager") else None
+        return accountability.banned if accountability is not None else {}
+
     def _progress(self) -> Progress:
         return Progress(self.peer_id, self.epoch, self.samples, self._rate.rate(), self.done)
 
@@ -281,7 +300,7 @@ class CollaborativeOptimizer:
         others = []
         if found is not None and isinstance(found.value, dict):
             for subkey, item in found.value.items():
-                if subkey != self.peer_id and isinstance(subkey, str):
+                if subkey != self.peer_id and isinstance(subkey, str) and subkey not in self.banned:
                     progress = Progress.from_wire(subkey, item.value)
                     if progress is not None:
                         others.append(progress)
@@ -310,14 +329,32 @@ class CollaborativeOptimizer:
 
     def close(self) -> None:
         self.client.cancel_background(self._progress_task)
+        if not self.client.loop.is_closed():
+            self.client.run(self.averager.stop(), timeout=10)
         if self._owns_client:
             self.client.shutdown()
+        if self._identity_dir is not None:
+            self._identity_dir.cleanup()
 
     def __enter__(self) -> CollaborativeOptimizer:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def accountable_identity(network: NetworkOptions
+                         ) -> tuple[NetworkOptions, PeerKey, tempfile.TemporaryDirectory | None]:
+    """An Ed25519 libp2p identity to sign rounds with: the one at `identity_path` (made there if the
+    file does not exist yet), or a fresh one in a temporary folder the caller removes when done."""
+    if network.identity_path is not None:
+        path = Path(network.identity_path)
+        key = PeerKey.from_identity_file(path) if path.exists() else PeerKey.create_identity_file(path)
+        return network, key, None
+    folder = tempfile.TemporaryDirectory(prefix="swarm-identity-")
+    path = Path(folder.name) / "identity.key"
+    key = PeerKey.create_identity_file(path)
+    return dataclasses.replace(network, identity_path=str(path)), key, folder
 
 
 def _server_mode(network: NetworkOptions) -> NetworkOptions:

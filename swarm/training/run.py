@@ -22,9 +22,11 @@ from hivemind.utils import get_dht_time
 from tqdm import tqdm
 
 from protocol.network import NetworkOptions
+from protocol.peer_keys import PeerKey
 from swarm.client import ClientOptions, SwarmClient
 from swarm.training.averager import AveragingOptions, check_run_id
-from swarm.training.optimizer import CollaborativeOptimizer
+from swarm.training.accountability import AccountabilityOptions
+from swarm.training.optimizer import CollaborativeOptimizer, accountable_identity
 from swarm.training.shards import peer_seed
 from swarm.training.tasks import get_task
 
@@ -66,7 +68,9 @@ class TrainOptions:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 20  # global steps between checkpoints
     progress: bool = True
+    accountability: AccountabilityOptions | None = AccountabilityOptions()  # None: rounds are not verified
     die_in_round: int = 0  # tests: SIGKILL this process in the middle of its N-th averaging round
+    lie_as_reducer: bool = False  # tests and benches: return wrong parts as a reducer
 
 
 async def agree_settings(client: SwarmClient, run_id: str, proposed: RunSettings) -> RunSettings:
@@ -95,15 +99,23 @@ async def agree_settings(client: SwarmClient, run_id: str, proposed: RunSettings
 def run_training(options: TrainOptions) -> dict[str, Any]:
     check_run_id(options.run_id)
     get_task(options.proposed.task)  # an unknown task fails before any network start
-    client = SwarmClient(ClientOptions(initial_peers=options.initial_peers, network=options.network))
+    network, peer_key, identity_folder = options.network, None, None
+    if options.accountability is not None:
+        network, peer_key, identity_folder = accountable_identity(network)
     try:
-        settings = client.run(agree_settings(client, options.run_id, options.proposed), timeout=60)
-        return _train(options, settings, client)
+        client = SwarmClient(ClientOptions(initial_peers=options.initial_peers, network=network))
+        try:
+            settings = client.run(agree_settings(client, options.run_id, options.proposed), timeout=60)
+            return _train(options, settings, client, peer_key)
+        finally:
+            client.shutdown()
     finally:
-        client.shutdown()
+        if identity_folder is not None:
+            identity_folder.cleanup()
 
 
-def _train(options: TrainOptions, settings: RunSettings, client: SwarmClient) -> dict[str, Any]:
+def _train(options: TrainOptions, settings: RunSettings, client: SwarmClient, peer_key: PeerKey | None
+           ) -> dict[str, Any]:
     task = get_task(settings.task)
     model = task.build_model(settings.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr or task.default_lr)
@@ -111,7 +123,8 @@ def _train(options: TrainOptions, settings: RunSettings, client: SwarmClient) ->
         model.parameters(), optimizer, run_id=options.run_id, initial_peers=options.initial_peers,
         target_batch_size=settings.target_batch_size, batch_size_per_step=options.batch_size,
         aggregator=settings.aggregator, num_byzantine=settings.num_byzantine, averaging=options.averaging,
-        client=client, load_state=False)
+        accountability=options.accountability, client=client, peer_key=peer_key, load_state=False)
+    collaborative.averager.lie_as_reducer = options.lie_as_reducer
     try:
         checkpoint = Path(options.checkpoint_dir) / "state.pt" if options.checkpoint_dir else None
         if checkpoint is not None and checkpoint.exists():
@@ -131,7 +144,7 @@ def _train(options: TrainOptions, settings: RunSettings, client: SwarmClient) ->
         fingerprint = math.fsum(float(param.detach().double().sum()) for param in model.parameters())
         return {"task": settings.task, "run_id": options.run_id, "peer_id": collaborative.peer_id,
                 "steps": collaborative.epoch, **metrics, "params_fingerprint": fingerprint,
-                "final_average": averaged, "history": history}
+                "final_average": averaged, "banned": sorted(collaborative.banned), "history": history}
     finally:
         collaborative.close()
 

@@ -67,3 +67,17 @@ def test_checkpoint_resume_and_bad_input(tmp_path):
                                             "--initial-peers", *local.initial_peers])
         with pytest.raises(LocalSwarmError, match="do not match this model"):
             local.trainer_result(child)
+
+
+def test_a_lying_reducer_is_banned_and_the_honest_peers_end_equal():
+    with LocalSwarm("unused") as local:
+        local.start_bootstrap()
+        honest = [local.start_trainer("digits", "liar", ["--steps", "30", "--aggregator", "median"])
+                  for _ in range(3)]
+        liar = local.start_trainer("digits", "liar", ["--steps", "30", "--aggregator", "median", "--lie-as-reducer"])
+        results = [local.trainer_result(trainer) for trainer in honest]
+        liar_id = local.trainer_result(liar)["peer_id"]
+    for result in results:
+        assert liar_id in result["banned"], result["banned"]
+        assert result["accuracy"] >= 0.85, result["accuracy"]
+        assert same(result["params_fingerprint"], results[0]["params_fingerprint"])
