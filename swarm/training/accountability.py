@@ -18,12 +18,13 @@ import logging
 import random
 from typing import Awaitable, Callable
 
+import torch
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
 from swarm.training.accountable import AccountableAllReduceRunner
 from swarm.training.allreduce import Aggregate, RoundFailed
-from swarm.training.evidence import CONSISTENT, Evidence, SignedTensor, judge
+from swarm.training.evidence import CONSISTENT, Evidence, NonFiniteEvidence, SignedTensor, judge
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Accountability:
         self._strikes: collections.Counter[str] = collections.Counter()
         self._recent: collections.OrderedDict[bytes, AccountableAllReduceRunner] = collections.OrderedDict()
         self._judged_reports: set[str] = set()
+        self._nonfinite_rounds: collections.defaultdict[str, set[bytes]] = collections.defaultdict(set)
         self.aggregate: Aggregate | None = None  # the run's rule, known once we averaged (to judge reports)
 
     def remember(self, runner: AccountableAllReduceRunner) -> None:
@@ -62,7 +64,7 @@ class Accountability:
             logger.warning(f"banning {peer_id} from our groups: {reason}")
             self.banned[peer_id] = reason
 
-    def _strike(self, peer_id: str, reason: str) -> None:
+    def strike(self, peer_id: str, reason: str) -> None:
         self._strikes[peer_id] += 1
         if self._strikes[peer_id] >= self.options.max_strikes:
             self.ban(peer_id, f"{reason} ({self._strikes[peer_id]} times)")
@@ -81,7 +83,7 @@ class Accountability:
             try:
                 revealed = await request(reducer, runner.group_id, part_index)
             except Exception as error:
-                self._strike(reducer, "did not reveal its contributions")
+                self.strike(reducer, "did not reveal its contributions")
                 raise RoundFailed(f"reducer {reducer} did not reveal its part ({type(error).__name__}: {error})")
             if len(revealed) < group_size:
                 # an honest reducer drops a sender that timed out; without every contribution its
@@ -89,7 +91,7 @@ class Accountability:
                 # Leaving out senders that did reach us this round is suspicious: a strike.
                 missing = {peer.to_base58() for peer in runner.ordered_peer_ids} - {item.signer for item in revealed}
                 if missing <= runner.senders_heard():
-                    self._strike(reducer, "left out contributions of senders that were alive")
+                    self.strike(reducer, "left out contributions of senders that were alive")
                 raise RoundFailed(f"reducer {reducer} revealed {len(revealed)} of {group_size} contributions")
             evidence = Evidence(runner.group_id, part_index, self.me, tuple(revealed), result)
             verdict = judge(evidence, aggregate)
@@ -98,11 +100,26 @@ class Accountability:
                 await self.publish(evidence)
                 raise RoundFailed(f"reducer {reducer} returned a wrong part: banned and reported")
             if verdict != CONSISTENT:
-                self._strike(reducer, verdict)
+                self.strike(reducer, verdict)
                 raise RoundFailed(f"reducer {reducer}'s reveal does not hold up: {verdict}")
 
-    async def publish(self, evidence: Evidence) -> None:
-        subkey = f"{evidence.reducer}/{evidence.group_id.hex()}/{evidence.recipient}"
+    async def check_contributions(self, runner: AccountableAllReduceRunner) -> None:
+        """Strike (and report) senders whose signed contributions to our parts hold NaN or Inf: the
+        robust rules drop such inputs, and a peer that keeps sending them is banned."""
+        for part_index, by_sender in runner.contributions.items():
+            for sender, item in by_sender.items():
+                subkey = f"{sender}/{runner.group_id.hex()}/nonfinite"
+                if sender != self.me and subkey not in self._judged_reports and not torch.isfinite(item.decoded()).all():
+                    self._count_nonfinite(sender, runner.group_id)
+                    await self.publish(NonFiniteEvidence(runner.group_id, self.me, part_index, item), subkey=subkey)
+
+    def _count_nonfinite(self, sender: str, group_id: bytes) -> None:
+        self._nonfinite_rounds[sender].add(group_id)
+        if len(self._nonfinite_rounds[sender]) >= self.options.max_strikes:
+            self.ban(sender, f"sent NaN or Inf in {len(self._nonfinite_rounds[sender])} rounds")
+
+    async def publish(self, evidence: Evidence | NonFiniteEvidence, subkey: str | None = None) -> None:
+        subkey = subkey or f"{evidence.reducer}/{evidence.group_id.hex()}/{evidence.recipient}"
         self._judged_reports.add(subkey)
         stored = await self._dht.store(self._reports_key, evidence.to_wire(),
                                        get_dht_time() + self.options.report_expiry, subkey=subkey)
@@ -120,6 +137,11 @@ class Accountability:
             if not isinstance(subkey, str) or subkey in self._judged_reports:
                 continue
             self._judged_reports.add(subkey)
+            if isinstance(item.value, dict) and item.value.get("kind") == "nonfinite":
+                nonfinite = NonFiniteEvidence.from_wire(item.value)
+                if nonfinite is not None and nonfinite.contribution.signer != self.me and nonfinite.holds():
+                    self._count_nonfinite(nonfinite.contribution.signer, nonfinite.group_id)
+                continue
             evidence = Evidence.from_wire(item.value)
             if evidence is None or evidence.reducer in self.banned or evidence.reducer == self.me:
                 continue

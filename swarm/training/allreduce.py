@@ -58,11 +58,20 @@ class AggregatingAllReduceRunner(AllReduceRunner):
         self.tensor_part_reducer.finished.set()  # the summing reducer built by the parent is never used
         shapes = tuple(part.shape for part in self.parts_for_local_averaging)
         self.tensor_part_reducer = AggregatingPartReducer(shapes, len(self.sender_peer_ids), aggregate)
+        self.failed_reducers: set[str] = set()
+
+    async def _communicate_with_peer(self, peer_id):
+        try:
+            return await super()._communicate_with_peer(peer_id)
+        except BaseException:
+            self.failed_reducers.add(peer_id.to_base58())
+            raise
 
     async def run_to_completion(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The aggregated tensors, or RoundFailed if any part did not come back."""
         deltas = [delta async for delta in self.run()]
         failed = self.tensor_part_container.failed_size
         if failed or len(deltas) != len(tensors):
-            raise RoundFailed(f"{failed} values of the group's tensors were not reduced (a reducer failed or left)")
+            raise RoundFailed(f"{failed} values of the group's tensors were not reduced (reducers that failed or "
+                              f"left: {', '.join(sorted(self.failed_reducers)) or 'unknown'})")
         return [tensor + delta for tensor, delta in zip(tensors, deltas)]

@@ -192,11 +192,15 @@ class GroupAverager(ServicerBase):
             try:
                 averaged = await asyncio.wait_for(runner.run_to_completion(tensors), options.round_timeout)
             except RoundFailed:
+                if self.accountability is not None:  # joining groups only to let them fail is a strike
+                    for reducer in runner.failed_reducers:
+                        self.accountability.strike(reducer, "failed to reduce its part of a round")
                 raise
             except Exception as error:
                 raise RoundFailed(f"all-reduce with {group.group_size} peers failed: "
                                   f"{type(error).__name__}: {error}") from None
             if self.accountability is not None:  # before anything is applied
+                await self.accountability.check_contributions(runner)
                 await asyncio.wait_for(self.accountability.verify(runner, aggregate, self._request_reveal),
                                        self.options.round_timeout)
         gathered = {}
@@ -213,7 +217,7 @@ class GroupAverager(ServicerBase):
         # hivemind assigns whole parts (512 KiB by default) to reducers: a small model would be one part,
         # reduced (and trusted) by one peer. Parts of about 1/n of the data spread the work and the trust.
         total_bytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
-        part_size = max(4096, min(DEFAULT_PART_SIZE_BYTES, -(-total_bytes // group.group_size)))
+        part_size = max(1024, min(DEFAULT_PART_SIZE_BYTES, -(-total_bytes // group.group_size)))
         arguments = dict(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, group_id=group.group_id,
                          tensors=list(tensors), ordered_peer_ids=group.peer_ids,
                          peer_fractions=(1.0 / group.group_size,) * group.group_size,

@@ -67,7 +67,8 @@ class Evidence:
         return self.result.signer
 
     def to_wire(self) -> dict[str, Any]:
-        return {"group_id": self.group_id, "part_index": self.part_index, "recipient": self.recipient,
+        return {"kind": "wrong-result", "group_id": self.group_id, "part_index": self.part_index,
+                "recipient": self.recipient,
                 "contributions": [dataclasses.astuple(item) for item in self.contributions],
                 "result": dataclasses.astuple(self.result)}
 
@@ -113,6 +114,8 @@ def judge(evidence: Evidence, aggregate: Aggregate) -> str | None:
             return f"the contribution of {item.signer} is not signed by it"
     tensors = {item.signer: item.decoded() for item in evidence.contributions}
     recipient = tensors[evidence.recipient]
+    if not torch.isfinite(recipient).all():
+        return "the recipient's own contribution is not finite, so its delta proves nothing"
     try:
         expected = expected_delta(list(tensors.values()), recipient, aggregate)
     except ValueError as error:
@@ -120,3 +123,32 @@ def judge(evidence: Evidence, aggregate: Aggregate) -> str | None:
     got = evidence.result.decoded()
     scale = max(float(expected.double().norm()), float(recipient.double().norm()), 1e-30)
     return CONSISTENT if close(got, expected, scale) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class NonFiniteEvidence:
+    """That `contribution.signer` signed a part containing NaN or Inf (for `reducer`'s part
+    `part_index` of round `group_id`): no honest finite computation sends that. One instance is
+    not a verdict (an honest peer can overflow); readers count distinct rounds."""
+    group_id: bytes
+    reducer: str
+    part_index: int
+    contribution: SignedTensor
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"kind": "nonfinite", "group_id": self.group_id, "reducer": self.reducer,
+                "part_index": self.part_index, "contribution": dataclasses.astuple(self.contribution)}
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> NonFiniteEvidence | None:
+        try:
+            signer, tensor, signature = wire["contribution"]
+            return cls(bytes(wire["group_id"]), str(wire["reducer"]), int(wire["part_index"]),
+                       SignedTensor(str(signer), bytes(tensor), bytes(signature)))
+        except (TypeError, KeyError, ValueError):
+            return None
+
+    def holds(self) -> bool:
+        item = self.contribution
+        statement = contribution_statement(self.group_id, self.reducer, self.part_index, item.tensor_digest())
+        return peer_keys.verify(item.signer, statement, item.signature) and not bool(torch.isfinite(item.decoded()).all())

@@ -18,7 +18,8 @@ from swarm.training import AveragingOptions
 from swarm.training.allreduce import RoundFailed
 from swarm.training.averager import GroupAverager
 
-FAST = AveragingOptions(min_matchmaking_time=1.0, request_timeout=0.5, matchmaking_timeout=8.0)
+FAST = AveragingOptions(min_matchmaking_time=1.0, request_timeout=0.5, matchmaking_timeout=8.0, sender_timeout=20.0,
+                        reducer_timeout=40.0)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_a_lying_reducer_is_caught_banned_reported_and_left_out(initial_peers):
     peers = [accountable_peer(initial_peers, folder) for _ in range(4)]
     try:
         liar_id = peers[3][1].peer_id.to_base58()
-        tensors = [[torch.randn(3000, generator=torch.Generator().manual_seed(index))] for index in range(4)]
+        tensors = [[torch.randn(4000, generator=torch.Generator().manual_seed(index))] for index in range(4)]
 
         honest_round = average_all(peers, tensors, "honest", 4)
         expected = torch.stack([t[0] for t in tensors]).median(dim=0)  # torch's lower median for an even count
@@ -90,6 +91,30 @@ def test_a_lying_reducer_is_caught_banned_reported_and_left_out(initial_peers):
         for outcome in after[:3]:
             assert not isinstance(outcome, Exception) and outcome is not None, outcome
             assert liar_id not in outcome.peer_ids
+    finally:
+        for client, averager in peers:
+            client.run(averager.stop(), timeout=10)
+            client.shutdown()
+
+
+def test_a_peer_sending_nan_again_and_again_is_banned_by_groupmates_and_readers(initial_peers):
+    folder = tempfile.mkdtemp()
+    peers = [accountable_peer(initial_peers, folder) for _ in range(4)]
+    try:
+        sender_id = peers[3][1].peer_id.to_base58()
+        tensors = [[torch.full((2000,), float(index))] for index in range(3)] + [[torch.full((2000,), float("nan"))]]
+        for round_number in range(3):
+            outcomes = average_all(peers, tensors, f"nan-{round_number}", 4)
+            for outcome in outcomes[:3]:
+                assert not isinstance(outcome, Exception) and outcome is not None, outcome
+                assert torch.equal(outcome.tensors[0], torch.full((2000,), 1.0))  # the median of 0, 1, 2
+        for client, averager in peers[:3]:
+            assert sender_id in averager.accountability.banned
+        newcomer = accountable_peer(initial_peers, folder)
+        peers.append(newcomer)
+        newcomer[1].accountability.aggregate = get_aggregator("median")
+        newcomer[0].run(newcomer[1].accountability.read_reports(), timeout=30)
+        assert sender_id in newcomer[1].accountability.banned
     finally:
         for client, averager in peers:
             client.run(averager.stop(), timeout=10)

@@ -49,3 +49,19 @@ def test_forged_or_incomplete_evidence_proves_nothing(tmp_path):
     without_recipient = tuple(item for item in evidence.contributions if item.signer != evidence.recipient)
     assert "leave out the recipient" in judge(dataclasses.replace(evidence, contributions=without_recipient), aggregate)
     assert Evidence.from_wire({"group_id": b"x"}) is None
+
+
+def test_a_signed_nonfinite_contribution_is_evidence(tmp_path):
+    from swarm.training.evidence import NonFiniteEvidence
+
+    key = PeerKey.create_identity_file(tmp_path / "sender.key")
+
+    def signed(values):
+        serialized = serialize_torch_tensor(values)
+        statement = contribution_statement(GROUP, "reducer", 0, digest(serialized))
+        return SignedTensor(key.peer_id, serialized.SerializeToString(), key.sign(statement))
+
+    nan = NonFiniteEvidence(GROUP, "reducer", 0, signed(torch.tensor([1.0, float("nan")])))
+    assert nan.holds() and NonFiniteEvidence.from_wire(nan.to_wire()) == nan
+    assert not NonFiniteEvidence(GROUP, "reducer", 0, signed(torch.tensor([1.0, 2.0]))).holds()
+    assert not NonFiniteEvidence(GROUP, "another reducer", 0, nan.contribution).holds()  # signed for another part
