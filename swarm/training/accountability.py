@@ -36,7 +36,7 @@ class AccountabilityOptions:
     verify_fraction: float = 1.0  # chance to check each other reducer's result in every round
     max_strikes: int = 3  # unprovable misbehaviour (no reveal, partial reveal) tolerated before a local ban
     report_expiry: float = 3600.0
-    kept_rounds: int = 8  # recent rounds whose contributions we can still reveal
+    kept_rounds: int = 3  # recent rounds whose contributions we keep to reveal (each holds ~1 model size)
 
 
 class Accountability:
