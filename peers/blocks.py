@@ -7,33 +7,15 @@ or a block outside the span.
 
 from __future__ import annotations
 
-import importlib
 import logging
 
 import torch
 from torch import nn
 
+from protocol.families import family_classes, family_module
 from protocol.weights import ModelStore
 
 logger = logging.getLogger(__name__)
-
-_FAMILY_CLASSES = {
-    "llama": ("llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding"),
-    "mistral": ("mistral", "MistralDecoderLayer", "MistralRotaryEmbedding"),
-    "qwen2": ("qwen2", "Qwen2DecoderLayer", "Qwen2RotaryEmbedding"),
-}
-
-
-def family_module(model_type: str):
-    if model_type not in _FAMILY_CLASSES:
-        raise ValueError(f"model family {model_type!r} is not supported; supported: {sorted(_FAMILY_CLASSES)}")
-    module_name = _FAMILY_CLASSES[model_type][0]
-    return importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
-
-
-def family_classes(model_type: str) -> tuple[type[nn.Module], type[nn.Module]]:
-    module, (_, layer_name, rotary_name) = family_module(model_type), _FAMILY_CLASSES[model_type]
-    return getattr(module, layer_name), getattr(module, rotary_name)
 
 
 def add_prompt(hidden_states: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:

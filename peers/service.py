@@ -40,6 +40,8 @@ class ServingLimits:
     max_message_bytes: int = 64 * 1024**2  # one joined request
     session_idle_timeout: float = 300.0  # a session whose client sends nothing for this long is freed
     compute_delay: float = 0.0  # test flag: seconds added to every computation, to play a slow peer
+    corrupt_outputs: float = 0.0  # test flag: noise this size (x each position's RMS) on outputs, to play a liar
+    corrupt_after: int = 0  # test flag: with corrupt_outputs, this many outputs are honest first
     busy_threads: int | None = dataclasses.field(  # torch threads while several sessions generate
         default_factory=lambda: 1 if (os.cpu_count() or 1) <= 2 else None)  # None: as many as when idle
 
@@ -52,6 +54,10 @@ class BlockService:
         self.cache_bytes_used = 0
         self.batcher = StepBatcher(blocks, compute, after_compute=self._delay, busy_threads=limits.busy_threads)
         self.draining = False  # refuse new sessions: the peer is leaving or moving
+        self.outputs_served = 0  # step and forward answers, counted for the corrupt_after test flag
+        if limits.corrupt_outputs:
+            logger.warning(f"test flag: this peer returns wrong hidden states (noise x{limits.corrupt_outputs}) "
+                           f"after {limits.corrupt_after} honest answers")
 
     def replace_blocks(self, blocks: BlockSpan) -> None:
         """Serve another span from now on; sessions still open on the old one fail at their next
@@ -108,6 +114,15 @@ class BlockService:
         if self.limits.compute_delay:
             time.sleep(self.limits.compute_delay)
 
+    def _answer(self, output: torch.Tensor) -> torch.Tensor:
+        """The hidden states sent back: the computed ones, unless the corrupt_outputs test flag
+        makes this peer a liar (a verifying client must catch it)."""
+        self.outputs_served += 1
+        if not self.limits.corrupt_outputs or self.outputs_served <= self.limits.corrupt_after:
+            return output
+        scale = output.pow(2).mean(dim=-1, keepdim=True).sqrt() * self.limits.corrupt_outputs
+        return output + scale * torch.randn_like(output)
+
     async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                             context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         session_id = None
@@ -144,7 +159,7 @@ class BlockService:
                                         f"does not fit: the session holds {cache.length} of max {cache.max_length}")
                 output = await self.batcher.submit(step.hidden_states, opening.start, opening.end, step.position,
                                                    cache)
-                for frame in _response_frames(StepResult(step_id=step.step_id, hidden_states=output)):
+                for frame in _response_frames(StepResult(step_id=step.step_id, hidden_states=self._answer(output))):
                     yield frame
         except ProtocolError as error:
             logger.warning(f"refused a request from {context.remote_id}: {error}")
@@ -186,7 +201,7 @@ class BlockService:
                           context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         async def forward(request: Forward) -> Message:
             output = await self._run(request.hidden_states, request.start, request.end, prompts=request.prompts)
-            return ForwardResult(hidden_states=output)
+            return ForwardResult(hidden_states=self._answer(output))
 
         for frame in await self._one_shot(requests, context, Forward, forward):
             yield frame

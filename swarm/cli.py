@@ -199,8 +199,11 @@ def _generate(arguments: argparse.Namespace) -> int:
         with model.inference_session(max_length=input_ids.shape[1] + arguments.max_new_tokens) as session:
             if arguments.verbose:
                 print_route(session.route)
+            first_route = session.route
             model.generate(input_ids, max_new_tokens=arguments.max_new_tokens, session=session, streamer=streamer,
                            **sampling)
+            if arguments.verbose and session.route != first_route:  # a peer failed or was caught lying
+                print_route(session.route)
     return 0
 
 

@@ -40,6 +40,12 @@ class ClientOptions:
     retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
     route_mode: RouteMode = "latency"  # or "throughput": ignore round trips, favour the fastest compute
     rtt_refresh: float = 30.0  # seconds before a peer's round trip is measured again
+    verify_fraction: float = 0.0  # check each peer's first step, then this share of its steps (swarm.verification)
+    verify_tolerance: float = 1e-4  # relative error per position above which two answers disagree
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ValueError(f"verify_fraction must be between 0 (off) and 1 (every step), got {self.verify_fraction}")
 
 
 class SwarmClient:

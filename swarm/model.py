@@ -20,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from protocol.weights import ModelStore, open_model
 from swarm.client import ClientOptions, SwarmClient, SwarmView
 from swarm.generation import generate
+from swarm.referees import Verifier
 from swarm.remote import RemoteBlocks, forward_through
 from swarm.session import InferenceSession
 
@@ -47,6 +48,8 @@ class DistributedModelForCausalLM(nn.Module):
         except OSError:
             self.generation_config = GenerationConfig.from_model_config(self.config)
         self.view = SwarmView(client, store.identity, store.num_blocks)
+        # checks peers' answers in inference sessions when ClientOptions.verify_fraction > 0
+        self.verifier = Verifier(client, self.view, store) if client.options.verify_fraction > 0 else None
         self.prompt_embeddings: nn.Parameter | None = None  # shallow soft prompt, see enable_prompt_tuning
         self.deep_prompts: nn.Parameter | None = None  # [num_blocks, prompt tokens, hidden], fed to the peers
 
@@ -69,7 +72,8 @@ class DistributedModelForCausalLM(nn.Module):
         return self.store.tokenizer()
 
     def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
-        return InferenceSession(self.client, self.view, max_length=max_length, batch_size=batch_size)
+        return InferenceSession(self.client, self.view, max_length=max_length, batch_size=batch_size,
+                                verifier=self.verifier)
 
     @contextlib.contextmanager
     def _use_session(self, session: InferenceSession | None, max_length: int, batch_size: int):
@@ -147,6 +151,8 @@ class DistributedModelForCausalLM(nn.Module):
 
     def close(self) -> None:
         self.view.close()
+        if self.verifier is not None:
+            self.verifier.close()
         if self._owns_client:
             self.client.shutdown()
 

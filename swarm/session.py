@@ -3,6 +3,12 @@
 A step sends only the new positions; each peer keeps the attention cache of its blocks for
 this session. One thread handoff per step: the whole chain over the route runs as one
 coroutine on the client's event loop.
+
+With a verifier (ClientOptions.verify_fraction > 0), a step's due hops are checked once the
+chain has run (swarm.verification says which and how). A peer caught lying is banned and
+replaced, and the whole route rolls back to the first position the liar got wrong: peers'
+caches are rewritten from there (a step may start below a cache's length), the replacement
+replays the history, and only checked answers leave the step.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 import torch
 from hivemind.p2p import P2PHandlerError, PeerID
@@ -21,6 +27,9 @@ from protocol.messages import (INFERENCE_RPC, ErrorReply, FrameJoiner, Message, 
 from protocol.records import ModelIdentity
 from swarm.client import SwarmClient, SwarmView
 from swarm.routing import Hop, MissingBlocksError, find_route
+
+if TYPE_CHECKING:
+    from swarm.referees import Verifier
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +105,26 @@ class _Segment:
     stream: _PeerStream
     inputs: list[torch.Tensor] = dataclasses.field(default_factory=list)  # [batch, tokens, hidden] each
     fresh: bool = True  # its peer holds no positions yet: the next step replays the history
+    # kept only when verifying:
+    outputs: list[torch.Tensor] = dataclasses.field(default_factory=list)  # its answers, every position from 0
+    verified: int = 0  # positions whose answers a check confirmed
+    checked: bool = False  # one of its steps was checked already
+    due: bool = True  # this step gets checked (a new peer's first step always is)
+
+
+def _history(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _length(parts: list[torch.Tensor]) -> int:
+    return sum(part.shape[1] for part in parts)
+
+
+def _cut(parts: list[torch.Tensor], length: int) -> list[torch.Tensor]:
+    """The first `length` positions of a history kept as pieces [batch, tokens, hidden]."""
+    if not parts or _length(parts) == length:
+        return parts
+    return [_history(parts)[:, :length]] if length > 0 else []
 
 
 class InferenceSession:
@@ -107,8 +136,9 @@ class InferenceSession:
     uninterrupted run. `route` always shows the current route.
     """
 
-    def __init__(self, client: SwarmClient, view: SwarmView, max_length: int, batch_size: int = 1):
-        self.client, self.view = client, view
+    def __init__(self, client: SwarmClient, view: SwarmView, max_length: int, batch_size: int = 1,
+                 verifier: Verifier | None = None):
+        self.client, self.view, self.verifier = client, view, verifier
         self.identity: ModelIdentity = view.identity
         self.max_length, self.batch_size = max_length, batch_size
         self.position = 0
@@ -117,6 +147,8 @@ class InferenceSession:
         self._step_id = 0
         self.closed = False
         self.failovers: list[tuple[str, str]] = []  # (failed peer, reason), for logs and tests
+        # when verifying: (liar, position rolled back to, position of the session when it was caught)
+        self.rollbacks: list[tuple[str, int, int]] = []
 
     @property
     def route(self) -> list[tuple[str, int, int]]:
@@ -210,34 +242,92 @@ class InferenceSession:
     async def _step(self, hidden_states: torch.Tensor) -> torch.Tensor:
         self._step_id += 1
         new_tokens = hidden_states.shape[1]
+        if self.verifier is not None:
+            for segment in self._segments:
+                segment.due = self.verifier.due(segment.checked)
+        outputs = await self._run_chain(self.position, hidden_states)
+        if self.verifier is not None:
+            outputs = await self._verify(outputs)
+        return outputs[:, -new_tokens:]
+
+    async def _run_chain(self, position: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Positions position.. of the first hop's inputs through every hop; their outputs."""
+        count = hidden_states.shape[1]
         carried = hidden_states  # the new positions, or every position after a replayed hop
         index = 0
         while index < len(self._segments):
             segment = self._segments[index]
             try:
-                carried = await self._run_segment(segment, carried, new_tokens)
+                carried = await self._run_segment(segment, carried, position, count)
                 index += 1
             except PeerError as error:
                 await self._replace(index, error)
-        return carried[:, -new_tokens:]
+        return carried[:, -count:]
 
-    async def _run_segment(self, segment: _Segment, carried: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        if segment.fresh and self.position > 0:  # replay: the whole history, then the new positions
-            if carried.shape[1] != self.position + new_tokens:
-                carried = torch.cat([*segment.inputs, carried[:, -new_tokens:]], dim=1)
-            position, inputs = 0, carried
+    async def _run_segment(self, segment: _Segment, carried: torch.Tensor, position: int,
+                           count: int) -> torch.Tensor:
+        if segment.fresh and position > 0:  # replay: the whole history, then the new positions
+            if carried.shape[1] != position + count:
+                carried = torch.cat([_history(segment.inputs)[:, :position], carried[:, -count:]], dim=1)
+            at, inputs = 0, carried
         else:
-            position, inputs = self.position, carried[:, -new_tokens:]
-        segment.stream.send(Step(step_id=self._step_id, position=position, hidden_states=inputs))
+            at, inputs = position, carried[:, -count:]  # below the peer's cache length: it rewrites from there
+        segment.stream.send(Step(step_id=self._step_id, position=at, hidden_states=inputs))
         reply = await segment.stream.receive(self.client.step_timeout(inputs))
         if not isinstance(reply, StepResult) or reply.step_id != self._step_id:
             raise PeerError(segment.hop.peer_id, f"answered {reply.type_name} out of turn")
-        if position == 0:
-            segment.inputs = [inputs]
-        else:
-            segment.inputs.append(inputs)
+        segment.inputs = [*_cut(segment.inputs, at), inputs]
+        if self.verifier is not None:
+            segment.outputs = [*_cut(segment.outputs, at), reply.hidden_states]
+            segment.verified = min(segment.verified, at)
         segment.fresh = False
         return reply.hidden_states
+
+    async def _verify(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Check the due hops; while one lied, replace it, roll back and run the chain again
+        (which leaves the due hops' rewritten positions to be checked again)."""
+        while due := [segment for segment in self._segments
+                      if segment.due and not segment.fresh and segment.verified < _length(segment.outputs)]:
+            verdicts = await asyncio.gather(*(
+                self.verifier.check(segment.hop, _history(segment.inputs),
+                                    _history(segment.outputs)[:, segment.verified :], segment.verified)
+                for segment in due))
+            liars: set[str] = set()
+            wrong_from: dict[int, int] = {}  # id(segment) -> first position it got wrong
+            for segment, verdict in zip(due, verdicts):
+                segment.checked = True
+                liars |= verdict.liars
+                if verdict.first_mismatch is None:
+                    segment.verified = _length(segment.outputs)
+                else:
+                    wrong_from[id(segment)] = segment.verified + verdict.first_mismatch
+            caught = [segment for segment in self._segments if segment.hop.peer_id in liars]
+            if caught:  # one caught as a referee only is trusted up to its last check
+                position = min(wrong_from.get(id(segment), segment.verified) for segment in caught)
+                outputs = await self._roll_back(position, liars, outputs)
+        return outputs
+
+    async def _roll_back(self, position: int, liars: set[str], outputs: torch.Tensor) -> torch.Tensor:
+        """Replace the liars on the route, return every hop to `position` and run the chain
+        again from there; the outputs of this step's positions."""
+        first_inputs = _history(self._segments[0].inputs)
+        end = first_inputs.shape[1]
+        if position < self.position:  # tokens already handed out came from a lie that no check had seen
+            logger.warning(f"a peer lied at position {position}, before a check caught it (the session is at "
+                           f"{self.position}): tokens after it were chosen from wrong hidden states; "
+                           f"verify_fraction=1 checks every step")
+        for index in reversed(range(len(self._segments))):
+            peer_id = self._segments[index].hop.peer_id
+            if peer_id in liars:
+                self.rollbacks.append((peer_id, position, self.position))
+                await self._replace(index, PeerError(peer_id, f"returned wrong hidden states from position "
+                                                              f"{position}"))
+        if position >= end:  # nothing this step handed out is wrong: the replacements replay at the next step
+            return outputs
+        for segment in self._segments:
+            segment.inputs, segment.outputs = _cut(segment.inputs, position), _cut(segment.outputs, position)
+            segment.verified = min(segment.verified, position)
+        return await self._run_chain(position, first_inputs[:, position:])
 
     async def _replace(self, index: int, error: PeerError) -> None:
         failed = self._segments[index]
