@@ -33,6 +33,7 @@ from typing import AsyncIterator  # hivemind reads rpc_* annotations and knows t
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, anext, as_aiter
@@ -167,6 +168,7 @@ class CodedAllReduceRunner(AllReduceRunner):
         self.tensor_part_reducer = CodedPartReducer(shapes, workers, code, coding)
         self._missing_senders_watch: asyncio.Task | None = None
         self.seconds: float | None = None
+        self.failed_reducers: set[str] = set()  # as AggregatingAllReduceRunner's: read by GroupAverager
 
     async def run_to_completion(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Compute and encode this worker's message, run the all-reduce, return the decoded mean
@@ -187,8 +189,9 @@ class CodedAllReduceRunner(AllReduceRunner):
                               f"{self.tensor_part_reducer.failure}")
         failed = self.tensor_part_container.failed_size
         if failed or len(deltas) != len(self._buffers):
-            raise RoundFailed(f"coded round: {failed} values of the group's tensors were not decoded (a reducer "
-                              f"failed, left, or could not decode from the messages it got in time)")
+            raise RoundFailed(f"coded round: {failed} values of the group's tensors were not decoded (reducers that "
+                              f"failed, left, or could not decode from the messages they got in time: "
+                              f"{', '.join(sorted(self.failed_reducers)) or 'unknown'})")
         self.seconds = time.perf_counter() - self.started
         return [buffer + delta for buffer, delta in zip(self._buffers, deltas)]
 
@@ -213,13 +216,13 @@ class CodedAllReduceRunner(AllReduceRunner):
         self._missing_senders_watch = asyncio.create_task(super()._handle_missing_senders())
 
     async def _communicate_with_peer(self, peer_id: PeerID) -> None:
-        if peer_id != self.peer_id:
-            return await super()._communicate_with_peer(peer_id)
         try:
             await super()._communicate_with_peer(peer_id)
         except BaseException:
-            # our own slices did not decode: mark them failed, or the output iterator waits forever
-            self.tensor_part_container.register_failed_reducer(self.ordered_peer_ids.index(peer_id))
+            self.failed_reducers.add(peer_id.to_base58())
+            if peer_id == self.peer_id:
+                # our own slices did not decode: mark them failed, or the output iterator waits forever
+                self.tensor_part_container.register_failed_reducer(self.ordered_peer_ids.index(peer_id))
             raise
 
     def _check_reasons_to_reject(self, request: averaging_pb2.AveragingData, context: P2PContext
@@ -273,6 +276,10 @@ class CodedAverager(GroupAverager):
         shapes and dtypes. `compute(assignment)` runs off the event loop once the group formed and
         returns the gradients of the assignment's shards, one list like `templates` per shard.
         None when no group formed in time; RoundFailed when a round began but did not decode."""
+        if getattr(self, "accountability", None) is not None:
+            # signed contributions and reveals check a rule over individual inputs; a coded slice's
+            # inputs are coded messages, checked by redundancy instead (swarm.training.coded_reduce)
+            raise ValueError("coded rounds do not run with accountability: make the CodedAverager without peer_key")
         buffers = [torch.zeros(template.shape, dtype=template.dtype) for template in templates]
         request = self._coded_request = _CodedRequest(compute, coding)
         code_tag = f"{tag}/coded-{coding.code}-s{coding.stragglers}-copies{coding.agreeing_copies}"
@@ -299,6 +306,10 @@ class CodedAverager(GroupAverager):
         request = self._coded_request
         if request is None:
             return super()._make_runner(group, tensors, aggregate)
+        # as GroupAverager's: slices of about 1/n of the data, so every peer reduces (hivemind's 512 KiB
+        # parts would leave a small model's reduction to one or two peers)
+        total_bytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        part_size = max(1024, min(DEFAULT_PART_SIZE_BYTES, -(-total_bytes // group.group_size)))
         try:
             code = build_code(request.coding, group.group_size)
         except ValueError as error:  # every member sees the same group size, so all of them stop here
@@ -309,7 +320,7 @@ class CodedAverager(GroupAverager):
             tensors=list(tensors), ordered_peer_ids=group.peer_ids,
             peer_fractions=(1.0 / group.group_size,) * group.group_size,
             sender_timeout=self.options.sender_timeout, reducer_timeout=self.options.reducer_timeout,
-            code=code, coding=request.coding, compute=request.compute)
+            part_size_bytes=part_size, code=code, coding=request.coding, compute=request.compute)
         request.runner = self._coded_runners[group.group_id] = runner
         return runner
 
