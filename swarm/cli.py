@@ -116,10 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--aggregator", default="mean",
                           help="how a group combines its gradients: mean, median, trimmed_mean, centered_clip, krum")
     settings.add_argument("--num-byzantine", type=int, default=0, help="liars the robust aggregators tolerate")
+    settings.add_argument("--coding", choices=["fractional", "cyclic"],
+                          help="global steps as coded rounds that do not wait for --stragglers slow peers")
+    settings.add_argument("--stragglers", type=int, default=1, help="with --coding: slow peers a step does not wait for")
     train.add_argument("--verify-fraction", type=float, default=1.0,
                        help="chance to check each reducer's part of a round before applying it (0: trust reducers)")
     train.add_argument("--die-in-round", type=int, default=0, help=argparse.SUPPRESS)  # tests: killed mid-round
     train.add_argument("--lie-as-reducer", action="store_true", help=argparse.SUPPRESS)  # tests: a Byzantine reducer
+    train.add_argument("--straggle", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow peer
     _network_arguments(train)
 
     demo = commands.add_parser("demo", help="start a local swarm on loopback, chat through it, stop it")
@@ -248,6 +252,7 @@ def _train(arguments: argparse.Namespace) -> int:
     proposed = RunSettings(task=arguments.task, seed=arguments.seed, steps=arguments.steps,
                            target_batch_size=arguments.target_batch_size, lr=arguments.lr,
                            aggregator=arguments.aggregator, num_byzantine=arguments.num_byzantine,
+                           coding=arguments.coding or "", stragglers=arguments.stragglers if arguments.coding else 0,
                            proposed_at=time.time())
     result = run_training(TrainOptions(
         run_id=arguments.run_id, initial_peers=tuple(arguments.initial_peers), proposed=proposed,
@@ -255,7 +260,7 @@ def _train(arguments: argparse.Namespace) -> int:
         checkpoint_every=arguments.checkpoint_every, progress=not arguments.no_progress,
         accountability=AccountabilityOptions(verify_fraction=arguments.verify_fraction)
         if arguments.verify_fraction > 0 else None,
-        die_in_round=arguments.die_in_round, lie_as_reducer=arguments.lie_as_reducer))
+        die_in_round=arguments.die_in_round, lie_as_reducer=arguments.lie_as_reducer, straggle=arguments.straggle))
     if arguments.json:
         print(json.dumps(result), flush=True)
     else:

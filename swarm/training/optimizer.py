@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from hivemind.utils import get_dht_time
@@ -32,6 +32,8 @@ from swarm.robust import get_aggregator
 from swarm.training.accountability import AccountabilityOptions
 from swarm.training.allreduce import Aggregate, RoundFailed
 from swarm.training.averager import AveragingOptions, GroupAverager, RoundResult, check_run_id
+from swarm.training.coded import CodedAverager, WorkerAssignment
+from swarm.training.coded_reduce import CodedOptions
 from swarm.training.progress import Progress, peers_ahead, ready_for_step, replicas_disagree
 
 logger = logging.getLogger(__name__)
@@ -44,10 +46,15 @@ class CollaborativeOptimizer:
                  averaging: AveragingOptions = AveragingOptions(), network: NetworkOptions = NetworkOptions(),
                  load_state: bool = True, round_attempts: int = 3, progress_period: float = 0.25,
                  progress_expiry: float = 5.0, accountability: AccountabilityOptions | None = AccountabilityOptions(),
-                 client: SwarmClient | None = None, peer_key: PeerKey | None = None):
+                 client: SwarmClient | None = None, peer_key: PeerKey | None = None,
+                 coding: CodedOptions | None = None):
         """`accountability` (on by default; None turns it off) signs every round and checks reducers
         before applying anything; it needs an Ed25519 libp2p identity: one is made unless
-        `network.identity_path` names one (or, with your own `client`, pass its `peer_key`)."""
+        `network.identity_path` names one (or, with your own `client`, pass its `peer_key`).
+        `coding` makes global steps coded rounds (`coded_step`): gradient coding against stragglers,
+        checked by redundancy; it replaces accountability, whose checks need individual inputs."""
+        if coding is not None:
+            accountability = None
         self.params = [param for param in params]
         self.optimizer, self.run_id = optimizer, check_run_id(run_id)
         self.target_batch_size, self.batch_size_per_step = target_batch_size, batch_size_per_step
@@ -73,9 +80,12 @@ class CollaborativeOptimizer:
         self.client = client or SwarmClient(ClientOptions(initial_peers=tuple(initial_peers),
                                                           network=_server_mode(network)))
         try:
-            self.averager = GroupAverager(self.client.p2p, self.client.dht, run_id, averaging, self.state_bytes,
+            self.coding = coding
+            averager_type = GroupAverager if coding is None else CodedAverager
+            self.averager = averager_type(self.client.p2p, self.client.dht, run_id, averaging, self.state_bytes,
                                           peer_key=peer_key if accountability is not None else None,
                                           accountability=accountability or AccountabilityOptions())
+            self.outvoted: dict[str, int] = {}  # coded rounds: peer -> rounds in which its group outvoted it
             self.client.run(self.averager.start())
             self._progress_task = self.client.run(self._start_reporting())
             if load_state and self.refresh_progress():
@@ -110,6 +120,40 @@ class CollaborativeOptimizer:
         if not ready_for_step(self._progress(), self.others, self.target_batch_size):
             return False
         return self._global_step()
+
+    def coded_step(self, shard_gradients: Callable[[int, int, int], Sequence[torch.Tensor]]) -> bool:
+        """One global step as a coded round (the optimizer was made with `coding`): once the group is
+        known, `shard_gradients(epoch, shard, num_shards)` computes the gradient of each shard this
+        peer's code assigns it; the step's gradient is the mean over all shards, decoded without
+        waiting for up to `coding.stragglers` slow peers. True when a global step was applied."""
+        def compute(assignment: WorkerAssignment) -> dict[int, Sequence[torch.Tensor]]:
+            return {shard: shard_gradients(self.epoch, shard, assignment.num_shards) for shard in assignment.shards}
+
+        self.refresh_progress()
+        if peers_ahead(self.others, self.epoch):
+            self.load_state_from_peers()
+            return False
+        live = [p for p in self.others if not p.done and p.epoch >= self.epoch - 1]
+        if not live:  # alone: the one shard is all the data
+            self._apply(shard_gradients(self.epoch, 0, 1), group=())
+            return True
+        options = self.averager.options
+        try:
+            result = self.client.run(
+                self.averager.coded_round(compute, self.params, f"coded-{self.epoch}", self.coding, len(live) + 1,
+                                          gather=self._progress().to_wire()),
+                timeout=options.matchmaking_timeout + options.round_timeout + 10)
+        except RoundFailed as error:
+            logger.warning(f"coded round for step {self.epoch + 1} failed ({error})")
+            return False
+        if result is None:
+            return False
+        for liar in result.liars:
+            self.outvoted[liar] = self.outvoted.get(liar, 0) + 1
+        if result.left_out:
+            logger.info(f"step {self.epoch + 1} decoded without waiting for {len(result.left_out)} peer(s)")
+        self._apply(result.tensors, group=result.peer_ids)
+        return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -272,7 +316,11 @@ class CollaborativeOptimizer:
     def banned(self) -> dict[str, str]:
         """Peers left out of our groups, downloads and counts (peer id -> why)."""
         accountability = self.averager.accountability if hasattr(self, "averager") else None
-        return accountability.banned if accountability is not None else {}
+        banned = dict(accountability.banned) if accountability is not None else {}
+        for peer, rounds in getattr(self, "outvoted", {}).items():
+            if rounds >= 3:  # coded rounds: its copies disagreed with its group's majority again and again
+                banned.setdefault(peer, f"outvoted by its coded group in {rounds} rounds")
+        return banned
 
     def _progress(self) -> Progress:
         return Progress(self.peer_id, self.epoch, self.samples, self._rate.rate(), self.done)

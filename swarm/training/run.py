@@ -26,6 +26,7 @@ from protocol.peer_keys import PeerKey
 from swarm.client import ClientOptions, SwarmClient
 from swarm.training.averager import AveragingOptions, check_run_id
 from swarm.training.accountability import AccountabilityOptions
+from swarm.training.coded_reduce import CodedOptions
 from swarm.training.optimizer import CollaborativeOptimizer, accountable_identity
 from swarm.training.shards import peer_seed
 from swarm.training.tasks import get_task
@@ -44,6 +45,8 @@ class RunSettings:
     lr: float | None = None  # the task's default when None
     aggregator: str = "mean"
     num_byzantine: int = 0
+    coding: str = ""  # "", "fractional" or "cyclic": global steps as coded rounds against stragglers
+    stragglers: int = 0  # with coding: slow peers a step does not wait for
     proposed_at: float = 0.0
 
     def to_wire(self) -> dict[str, Any]:
@@ -71,6 +74,7 @@ class TrainOptions:
     accountability: AccountabilityOptions | None = AccountabilityOptions()  # None: rounds are not verified
     die_in_round: int = 0  # tests: SIGKILL this process in the middle of its N-th averaging round
     lie_as_reducer: bool = False  # tests and benches: return wrong parts as a reducer
+    straggle: float = 0.0  # tests and benches: seconds of extra delay in every coded step's compute
 
 
 async def agree_settings(client: SwarmClient, run_id: str, proposed: RunSettings) -> RunSettings:
@@ -123,7 +127,8 @@ def _train(options: TrainOptions, settings: RunSettings, client: SwarmClient, pe
         model.parameters(), optimizer, run_id=options.run_id, initial_peers=options.initial_peers,
         target_batch_size=settings.target_batch_size, batch_size_per_step=options.batch_size,
         aggregator=settings.aggregator, num_byzantine=settings.num_byzantine, averaging=options.averaging,
-        accountability=options.accountability, client=client, peer_key=peer_key, load_state=False)
+        accountability=options.accountability, client=client, peer_key=peer_key, load_state=False,
+        coding=CodedOptions(code=settings.coding, stragglers=settings.stragglers) if settings.coding else None)
     collaborative.averager.lie_as_reducer = options.lie_as_reducer
     try:
         checkpoint = Path(options.checkpoint_dir) / "state.pt" if options.checkpoint_dir else None
@@ -154,16 +159,30 @@ def _loop(options: TrainOptions, settings: RunSettings, task, model, collaborati
     """Local steps until the run's last global step; (seconds, global step, mean loss) per global step."""
     batches = task.batches(peer_seed(settings.seed, collaborative.peer_id), options.batch_size)
     started, history, losses = time.monotonic(), [], []
+    params = list(model.parameters())
+
+    def shard_gradients(epoch: int, shard: int, num_shards: int) -> list[torch.Tensor]:
+        # a shard's data depends only on (step, shard): peers computing the same shard agree exactly
+        seed = peer_seed(settings.seed, f"step {epoch} shard {shard} of {num_shards}")
+        loss = task.loss(model, next(task.batches(seed, options.batch_size)))
+        losses.append(loss.item())
+        if options.straggle:
+            time.sleep(options.straggle)
+        return list(torch.autograd.grad(loss, params))
+
     bar = tqdm(total=settings.steps, initial=collaborative.epoch, desc=f"{settings.task} {options.run_id}",
                unit="step", file=sys.stderr, disable=not options.progress, dynamic_ncols=True)
     try:
         while collaborative.epoch < settings.steps:
             before = collaborative.epoch
-            loss = task.loss(model, next(batches))
-            loss.backward()
-            losses.append(loss.item())
-            collaborative.step()
-            if collaborative.epoch == before:
+            if collaborative.coding is not None:
+                collaborative.coded_step(shard_gradients)
+            else:
+                loss = task.loss(model, next(batches))
+                loss.backward()
+                losses.append(loss.item())
+                collaborative.step()
+            if collaborative.epoch == before or not losses:
                 continue
             mean_loss = sum(losses) / len(losses)
             losses = []

@@ -81,3 +81,20 @@ def test_a_lying_reducer_is_banned_and_the_honest_peers_end_equal():
         assert liar_id in result["banned"], result["banned"]
         assert result["accuracy"] >= 0.85, result["accuracy"]
         assert same(result["params_fingerprint"], results[0]["params_fingerprint"])
+
+
+def test_coded_steps_do_not_wait_for_a_straggler():
+    """4 peers, cyclic code tolerating 1 straggler; one peer computes 3 s slower every step. The
+    others decode each step without it; everyone ends with equal parameters."""
+    with LocalSwarm("unused") as local:
+        local.start_bootstrap()
+        coded = ["--steps", "30", "--coding", "cyclic", "--stragglers", "1"]
+        trainers = [local.start_trainer("digits", "coded", coded) for _ in range(3)]
+        slow = local.start_trainer("digits", "coded", [*coded, "--straggle", "3"])
+        results = [local.trainer_result(trainer) for trainer in [*trainers, slow]]
+        logs = [trainer.log_path.read_text() for trainer in trainers]
+    for result in results:
+        assert result["steps"] == 30
+        assert result["accuracy"] >= 0.85, result["accuracy"]
+        assert same(result["params_fingerprint"], results[0]["params_fingerprint"])
+    assert any("decoded without waiting for 1 peer" in log for log in logs)
