@@ -1,0 +1,512 @@
+"""Byzantine robustness of aggregation: accuracy under attack on a real task, and what robust
+aggregation costs when nobody attacks. One run prints both tables and a verdict.
+
+1. Attack matrix. Eight peers in this process, each a GroupAverager on its own SwarmClient (own
+   libp2p daemon and DHT node) around one `swarm dht` bootstrap, average as one group of 8 every
+   step (expected group size 8, a fresh tag per run and step). Two of the eight are Byzantine
+   senders; the six honest peers each keep a replica of the digits MLP (`swarm.training.tasks`,
+   identical start, seed 0), compute the gradient of their own batches (64 samples, a fixed data
+   seed per peer, the same in every run), flatten it into one vector and send it; the liars send
+   what `swarm.attacks` makes of that step's honest gradients (an omniscient, colluding attacker).
+   All eight call `average` at once (one thread each); each honest peer applies the aggregate
+   with its own SGD (lr 0.2, momentum 0.9), so the six replicas stay equal, which is checked at
+   the end of every run. In the attack-free run the other two peers are honest as well and send
+   gradients of their own batches. The liars only lie as senders: as reducers of their slice of
+   the butterfly all-reduce they run the same rule as everybody (a lying reducer is another
+   threat, which BTARD's verification addresses and this bench does not). Each part is combined
+   by the run's rule with num_byzantine=2 and its defaults (centered clip: start at the median,
+   radius the median distance to it, 3 iterations). A step whose round fails for any honest peer
+   is retried under a new tag (at most 3 tries); a step that never succeeds is skipped and
+   counted. Reported: held-out accuracy of honest replica 0 after 40 steps, rows = attacks,
+   columns = rules, attack-free run included. Verdict: each robust rule within 2 accuracy points
+   of its attack-free run under every attack; the mean collapses (20 points or more below its
+   attack-free run) under scaling and NaN/Inf. Read the points with care: this is one data seed,
+   359 held-out images (1 point = 3.6 images), at a fixed step of a run not yet converged, so a
+   rule that only slows progress (a biased median under sign flip) shows as lost points.
+   Attacks (see swarm/attacks.py): sign flip (-mean), scaling (100 x mean), Gaussian noise
+   (sigma 100 x the honest coordinates' RMS), NaN/Inf (one NaN, one +Inf), a little is enough
+   (mean - z std, z = 0.32 for n = 8, f = 2 from Baruch et al.'s formula), inner product
+   manipulation with epsilon 0.1 (Xie et al.'s small setting) and 100 (large).
+2. Cost without attacks. One round of 10M float32 values (40 MB per peer) among 4 peers: our
+   GroupAverager with the mean, the median and centered clip (4 of the clients above) next to
+   hivemind's DecentralizedAverager (its DHT and averager processes), rounds of all four
+   interleaved so load on the machine hits them alike, as bench/training.py does: the same
+   min_matchmaking_time and request_timeout, target group 4, default part size, no compression,
+   one attempt per round. Our four peers share this process (one GIL); hivemind's each have their
+   own averager process. A round's time is per peer, from the moment all four called it (a
+   barrier) to when that peer holds the result; the median over peers and rounds after one
+   warm-up round is printed, with the ratio to hivemind's (target: at most 1.3x) and to ours with
+   the mean (what the rule adds to our own round), and the CPU seconds of the rule alone over all
+   10M values (one thread, the parts the reducers see), which the group's reducers share. Results
+   are checked: the mean against the inputs' mean, the median against the inputs' median (first
+   1M values), and every rule for the same result on every peer.
+
+Run: .venv/bin/python bench/robustness.py   (about 10 minutes on this shared 2-core machine, 597 s
+with its load average at 5-13: about 14 s for each of the 32 training runs of 40 rounds, 1-2
+minutes for start-up and the cost rounds; progress and failed rounds go to stderr)
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")  # keep the tables readable; failures are counted below
+
+import dataclasses
+import functools
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES  # noqa: E402
+
+from protocol.network import STARTUP_TIMEOUT, NetworkOptions  # noqa: E402
+from swarm import attacks  # noqa: E402
+from swarm.client import ClientOptions, SwarmClient  # noqa: E402
+from swarm.local_swarm import LocalSwarm  # noqa: E402
+from swarm.robust import get_aggregator  # noqa: E402
+from swarm.training.averager import AveragingOptions, GroupAverager  # noqa: E402
+from swarm.training.tasks import get_task  # noqa: E402
+
+# 1. the attack matrix
+PEERS, BYZANTINE = 8, 2
+HONEST = PEERS - BYZANTINE
+STEPS, BATCH_SIZE, LEARNING_RATE, MOMENTUM = 40, 64, 0.2, 0.9
+MODEL_SEED, DATA_SEED, ATTACK_SEED = 0, 100, 7
+MAX_TRIES = 3
+RULES = ("mean", "centered_clip", "trimmed_mean", "median")
+ROBUST_RULES = RULES[1:]
+ATTACK_ROWS: dict[str, Callable | None] = {
+    "none": None,
+    "sign flip (-mean)": attacks.sign_flip,
+    "scaling (100 x mean)": attacks.scaling,
+    "Gaussian noise (100 x RMS)": attacks.gaussian_noise,
+    "NaN / Inf": attacks.non_finite,
+    "a little is enough (z=0.32)": attacks.a_little_is_enough,
+    "inner product, eps 0.1": functools.partial(attacks.inner_product_manipulation, epsilon=0.1),
+    "inner product, eps 100": functools.partial(attacks.inner_product_manipulation, epsilon=100.0),
+}
+MEAN_MUST_COLLAPSE = ("scaling (100 x mean)", "NaN / Inf")
+WITHIN, COLLAPSE = 0.02, 0.20
+MATRIX_AVERAGING = AveragingOptions(min_matchmaking_time=1.0, request_timeout=1.0, matchmaking_timeout=15.0,
+                                    round_timeout=30.0)
+
+# 2. the cost of one round
+COST_PEERS = 4
+COST_SHAPES = [(10_000_000,)]
+COST_ROUNDS, COST_WARM_UP = 5, 1
+MIN_MATCHMAKING_TIME, REQUEST_TIMEOUT, MATCHMAKING_TIMEOUT, ROUND_TIMEOUT = 1.0, 1.0, 15.0, 60.0
+COST_RULES = ("mean", "median", "centered_clip")
+COST_TARGET = 1.3
+MEDIAN_CHECKED = 1_000_000  # the median is checked on the first million coordinates
+
+
+class Peers:
+    """The eight clients of this process, each with one GroupAverager for the attack matrix."""
+
+    def __init__(self, initial_peers: list[str]):
+        self.clients: list[SwarmClient] = []
+        self.averagers: list[GroupAverager] = []
+        self.pool = ThreadPoolExecutor(max_workers=PEERS)  # one thread per peer: all eight call at once
+        for _ in range(PEERS):
+            self.clients.append(SwarmClient(ClientOptions(initial_peers=tuple(initial_peers),
+                                                          network=NetworkOptions())))
+            self.averagers.append(GroupAverager(self.clients[-1].p2p, self.clients[-1].dht, "bench-attacks",
+                                                MATRIX_AVERAGING, state_provider=bytes))
+            self.clients[-1].run(self.averagers[-1].start())
+
+    def round(self, vectors: list[torch.Tensor], tag: str, aggregate) -> list:
+        """Per peer: its RoundResult, None (no group in time) or the exception it raised."""
+        def call(index):
+            try:
+                coroutine = self.averagers[index].average([vectors[index]], tag, aggregate, PEERS)
+                return self.clients[index].run(coroutine, timeout=MATRIX_AVERAGING.matchmaking_timeout
+                                               + MATRIX_AVERAGING.round_timeout + 5)
+            except Exception as error:  # a failed round is retried, not fatal
+                return error
+
+        return list(self.pool.map(call, range(PEERS)))
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True)
+        for client in self.clients:
+            client.shutdown()
+
+
+@dataclasses.dataclass
+class RunResult:
+    accuracy: float
+    finite: bool  # the honest replica's parameters are all finite
+    replicas_spread: float  # largest |difference| between honest replicas' parameters at the end, / largest |parameter|
+    rounds: int
+    failed_rounds: int
+    skipped_steps: int
+    ghost_rounds: int  # see is_ghost_round
+    round_seconds: list[float]
+
+
+def flat_gradient(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([parameter.grad.reshape(-1) for parameter in model.parameters()])
+
+
+def apply_gradient(model: torch.nn.Module, optimizer: torch.optim.Optimizer, vector: torch.Tensor) -> None:
+    offset = 0
+    for parameter in model.parameters():
+        parameter.grad.copy_(vector[offset: offset + parameter.numel()].view_as(parameter))
+        offset += parameter.numel()
+    optimizer.step()
+
+
+def is_ghost_round(peers: Peers, results: list) -> bool:
+    """Some peer found no group (None) although others finished a round with it as a member. It never
+    reduced its slice, so all or nothing should have failed the round for the others. (A peer that
+    raised RoundFailed may well have served its slice and missed another: that is no contradiction.)"""
+    groups = [result.peer_ids for result in results if hasattr(result, "peer_ids")]
+    return any(result is None and any(peers.averagers[index].peer_id.to_base58() in group for group in groups)
+               for index, result in enumerate(results))
+
+
+def describe_round(peers: Peers, results: list) -> str:
+    """Per peer: the size of its group, or what went wrong and in how many finished groups it counts."""
+    groups = [result.peer_ids for result in results if hasattr(result, "peer_ids")]
+    described = []
+    for index, result in enumerate(results):
+        if hasattr(result, "peer_ids"):
+            described.append(f"peer {index}: group of {len(result.peer_ids)}")
+        else:
+            member = sum(peers.averagers[index].peer_id.to_base58() in group for group in groups)
+            described.append(f"peer {index}: {result!r} (in {member} other peers' groups)")
+    return "; ".join(described)
+
+
+def train(peers: Peers, run_name: str, rule: str, attack: Callable | None) -> RunResult:
+    task = get_task("digits")
+    models = [task.build_model(MODEL_SEED) for _ in range(HONEST)]
+    optimizers = [torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM) for model in models]
+    batches = [task.batches(DATA_SEED + index, BATCH_SIZE) for index in range(HONEST)]
+    extra_batches = [task.batches(DATA_SEED + index, BATCH_SIZE) for index in range(HONEST, PEERS)]
+    generator = torch.Generator().manual_seed(ATTACK_SEED)  # the same noise for every rule
+    aggregate = functools.partial(get_aggregator(rule), num_byzantine=BYZANTINE)
+    rounds = failed = skipped = ghosts = 0
+    round_seconds = []
+    for step in range(STEPS):
+        gradients = []
+        for model, optimizer, source in zip(models, optimizers, batches):
+            optimizer.zero_grad()
+            task.loss(model, next(source)).backward()
+            gradients.append(flat_gradient(model).detach().clone())
+        if attack is not None:
+            lies = attack(gradients, BYZANTINE, generator=generator)
+        else:  # no attack: the other two peers are honest too, each with its own batches
+            lies = []
+            for source in extra_batches:
+                optimizers[0].zero_grad()
+                task.loss(models[0], next(source)).backward()
+                lies.append(flat_gradient(models[0]).detach().clone())
+        for attempt in range(MAX_TRIES):
+            started = time.perf_counter()
+            results = peers.round(gradients + lies, f"{run_name}-step{step}-try{attempt}", aggregate)
+            round_seconds.append(time.perf_counter() - started)
+            rounds += 1
+            honest = results[:HONEST]
+            if all(result is not None and not isinstance(result, Exception) and len(result.peer_ids) == PEERS
+                   for result in honest):
+                break
+            failed += 1
+            ghosts += is_ghost_round(peers, results)
+            print(f"  {run_name} step {step} try {attempt} failed: {describe_round(peers, results)}", file=sys.stderr)
+        else:
+            skipped += 1
+            continue
+        with torch.no_grad():
+            for model, optimizer, result in zip(models, optimizers, honest):
+                apply_gradient(model, optimizer, result.tensors[0])
+    parameters = [torch.cat([p.detach().reshape(-1) for p in model.parameters()]) for model in models]
+    finite = bool(torch.isfinite(parameters[0]).all())
+    spread = max(float((other - parameters[0]).abs().max()) for other in parameters[1:]) / \
+        max(float(parameters[0].abs().max()), 1e-30) if finite else float("nan")
+    return RunResult(task.evaluate(models[0])["accuracy"], finite, spread, rounds, failed, skipped, ghosts,
+                     round_seconds)
+
+
+def attack_matrix(peers: Peers) -> dict[tuple[str, str], RunResult]:
+    results = {}
+    for run_index, (row, attack) in enumerate(ATTACK_ROWS.items()):
+        for rule in RULES:
+            started = time.perf_counter()
+            results[row, rule] = result = train(peers, f"run{run_index}-{rule}", rule, attack)
+            print(f"  {row} / {rule}: accuracy {result.accuracy:.3f}, replicas differ by {result.replicas_spread:.1e} "
+                  f"(relative), {time.perf_counter() - started:.1f} s",
+                  file=sys.stderr, flush=True)
+    return results
+
+
+def print_matrix(results: dict[tuple[str, str], RunResult]) -> tuple[list[str], bool]:
+    z = attacks.a_little_is_enough_z(PEERS, BYZANTINE)
+    print(f"digits: {PEERS} peers as one group every step, {BYZANTINE} Byzantine senders, num_byzantine={BYZANTINE}; "
+          f"{STEPS} steps, {HONEST} honest batches of {BATCH_SIZE}, SGD lr {LEARNING_RATE} momentum {MOMENTUM}; "
+          f"held-out accuracy of an honest replica (ALIE z = {z:.3f})")
+    print("| attack | " + " | ".join(RULES) + " |")
+    print("|---|" + "---|" * len(RULES))
+    for row in ATTACK_ROWS:
+        cells = []
+        for rule in RULES:
+            result = results[row, rule]
+            cells.append(f"{result.accuracy:.3f}" + ("" if result.finite else " (non-finite weights)")
+                         + (f" ({result.skipped_steps} steps lost)" if result.skipped_steps else ""))
+        print(f"| {row} | " + " | ".join(cells) + " |")
+    everything = list(results.values())
+    seconds = [s for result in everything for s in result.round_seconds]
+    spread, spread_run = max((result.replicas_spread, key) for key, result in results.items() if result.finite)
+    print(f"rounds: {sum(r.rounds for r in everything)}; failed and retried: "
+          f"{sum(r.failed_rounds for r in everything)}; steps lost: {sum(r.skipped_steps for r in everything)}; "
+          f"rounds where a peer found no group but others finished one with it as a member: "
+          f"{sum(r.ghost_rounds for r in everything)}")
+    print(f"seconds per round (8 peers, matchmaking included): median {statistics.median(seconds):.3f}, "
+          f"max {max(seconds):.3f}")
+    print(f"honest replicas at the end (runs with finite weights): largest difference / largest weight "
+          f"{spread:.1e} ({' / '.join(spread_run)})")
+
+    verdict, passed = [], True
+    for rule in ROBUST_RULES:
+        baseline = results["none", rule].accuracy
+        worst_row = min((row for row in ATTACK_ROWS if row != "none"), key=lambda row: results[row, rule].accuracy)
+        drop = baseline - results[worst_row, rule].accuracy
+        ok = drop <= WITHIN + 1e-9
+        passed &= ok
+        verdict.append(f"{rule}: worst attack {worst_row!r}, {drop * 100:.1f} points below its attack-free "
+                       f"{baseline:.3f} -> {'within' if ok else 'NOT within'} {WITHIN * 100:.0f} points")
+    baseline = results["none", "mean"].accuracy
+    for row in MEAN_MUST_COLLAPSE:
+        drop = baseline - results[row, "mean"].accuracy
+        collapsed = drop >= COLLAPSE
+        passed &= collapsed
+        verdict.append(f"mean under {row}: {results[row, 'mean'].accuracy:.3f} vs attack-free {baseline:.3f} -> "
+                       f"{'collapses' if collapsed else 'does NOT collapse'}")
+    return verdict, passed
+
+
+# 2. cost of one round without attacks ----------------------------------------------------------
+
+def cost_inputs(round_index: int) -> list[list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1000 + round_index)
+    return [[torch.randn(shape, generator=generator) for shape in COST_SHAPES] for _ in range(COST_PEERS)]
+
+
+def timed_round(call, prepare=None) -> tuple[list[float | None], list]:
+    """Runs `call(peer)` in one thread per peer, all released together; per peer: (seconds, result),
+    seconds None when that peer's round failed."""
+    barrier = threading.Barrier(COST_PEERS)
+    seconds, results = [None] * COST_PEERS, [None] * COST_PEERS
+
+    def peer(index: int) -> None:
+        if prepare is not None:
+            prepare(index)
+        barrier.wait()
+        started = time.perf_counter()
+        try:
+            result = call(index)
+        except Exception as error:  # a failed round is counted, not fatal
+            results[index] = error
+            return
+        if result is not None:
+            seconds[index], results[index] = time.perf_counter() - started, result
+
+    threads = [threading.Thread(target=peer, args=(index,)) for index in range(COST_PEERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(ROUND_TIMEOUT + MATCHMAKING_TIMEOUT + 30)
+    return seconds, results
+
+
+def check(rule: str, outputs: list[list[torch.Tensor]], inputs: list[list[torch.Tensor]]) -> bool:
+    """The result of `rule` on every peer: the same everywhere, and for the mean and the median the
+    exact statistic of the inputs (coordinate-wise, so the split into parts does not matter)."""
+    for position, parts in enumerate(zip(*inputs)):
+        first = outputs[0][position]
+        if not torch.isfinite(first).all():
+            return False
+        if any(not torch.allclose(output[position], first, atol=1e-5) for output in outputs[1:]):
+            return False
+        if rule == "mean" and not torch.allclose(first, torch.stack(parts).mean(0), atol=1e-5):
+            return False
+        if rule == "median":  # on a slice: sorting 4 x 10M values takes seconds
+            middle = torch.stack([part[:MEDIAN_CHECKED] for part in parts]).sort(dim=0).values
+            middle = middle[COST_PEERS // 2 - 1: COST_PEERS // 2 + 1].mean(0)
+            if not torch.allclose(first[:MEDIAN_CHECKED], middle, atol=1e-5):
+                return False
+    return True
+
+
+class OursForCost:
+    def __init__(self, clients: list[SwarmClient]):
+        options = AveragingOptions(min_matchmaking_time=MIN_MATCHMAKING_TIME, request_timeout=REQUEST_TIMEOUT,
+                                   matchmaking_timeout=MATCHMAKING_TIMEOUT, round_timeout=ROUND_TIMEOUT)
+        self.clients = clients
+        self.averagers = [GroupAverager(client.p2p, client.dht, "bench-cost", options, state_provider=bytes)
+                          for client in clients]
+        for client, averager in zip(clients, self.averagers):
+            client.run(averager.start())
+
+    def round(self, rule: str, round_index: int, inputs: list[list[torch.Tensor]]) -> tuple[list, bool, list]:
+        aggregate = functools.partial(get_aggregator(rule), num_byzantine=1)  # 1 of 4: what 4 peers tolerate
+
+        def call(index):
+            coroutine = self.averagers[index].average(inputs[index], f"{rule}-round{round_index}", aggregate,
+                                                      COST_PEERS)
+            return self.clients[index].run(coroutine, timeout=ROUND_TIMEOUT + MATCHMAKING_TIMEOUT)
+
+        seconds, results = timed_round(call)
+        correct = all(elapsed is not None for elapsed in seconds) and \
+            check(rule, [result.tensors for result in results], inputs)
+        return seconds, correct, [None if elapsed else repr(result) for elapsed, result in zip(seconds, results)]
+
+
+class HivemindForCost:
+    def __init__(self, initial_peers: list[str]):
+        from hivemind import DHT
+        from hivemind.averaging import DecentralizedAverager
+
+        # loopback only, no UPnP/NAT-PMP probes (as our NetworkOptions), the same generous start-up
+        network = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, startup_timeout=STARTUP_TIMEOUT)
+        self.dhts, self.averagers = [], []
+        for _ in range(COST_PEERS):
+            self.dhts.append(DHT(initial_peers=initial_peers, start=True, **network))
+            self.averagers.append(DecentralizedAverager(
+                [torch.zeros(shape) for shape in COST_SHAPES], self.dhts[-1], prefix="bench-hivemind-cost",
+                target_group_size=COST_PEERS, min_matchmaking_time=MIN_MATCHMAKING_TIME,
+                request_timeout=REQUEST_TIMEOUT, allreduce_timeout=ROUND_TIMEOUT, start=True))
+
+    def round(self, round_index: int, inputs: list[list[torch.Tensor]]) -> tuple[list, bool, list]:
+        def prepare(index):  # the averager averages its own shared tensors in place: load this round's inputs
+            with self.averagers[index].get_tensors() as tensors:
+                for tensor, value in zip(tensors, inputs[index]):
+                    tensor.copy_(value)
+
+        def call(index):
+            return self.averagers[index].step(timeout=MATCHMAKING_TIMEOUT, allow_retries=False)
+
+        seconds, results = timed_round(call, prepare)
+        outputs = []
+        for averager in self.averagers:
+            with averager.get_tensors() as tensors:
+                outputs.append([tensor.clone() for tensor in tensors])
+        correct = all(elapsed is not None for elapsed in seconds) and check("mean", outputs, inputs)
+        return seconds, correct, [None if elapsed else repr(result) for elapsed, result in zip(seconds, results)]
+
+    def shutdown(self) -> None:
+        for process in [*self.averagers, *self.dhts]:
+            try:
+                process.shutdown()
+            except Exception as error:
+                print(f"shutting down {type(process).__name__}: {error}", file=sys.stderr)
+
+
+def cost_rounds(ours: OursForCost, hivemind: HivemindForCost) -> dict[str, dict]:
+    sides = {rule: functools.partial(ours.round, rule) for rule in COST_RULES}
+    sides["hivemind"] = hivemind.round
+    stats = {name: {"seconds": [], "failed": 0, "correct": True} for name in sides}
+    for round_index in range(COST_WARM_UP + COST_ROUNDS):
+        inputs = cost_inputs(round_index)
+        for name, side in sides.items():
+            seconds, correct, errors = side(round_index, inputs)
+            print(f"  cost round {round_index} {name}: {[None if s is None else round(s, 2) for s in seconds]}",
+                  file=sys.stderr, flush=True)
+            for index, elapsed in enumerate(seconds):
+                if elapsed is None:
+                    print(f"  cost round {round_index} {name}: peer {index} failed: {errors[index]}", file=sys.stderr)
+            if round_index < COST_WARM_UP:
+                continue
+            stats[name]["seconds"] += [s for s in seconds if s is not None]
+            stats[name]["failed"] += sum(s is None for s in seconds)
+            stats[name]["correct"] &= correct
+        if round_index == COST_WARM_UP:
+            for rule in COST_RULES:
+                stats[rule]["alone"] = aggregation_seconds(rule, inputs)
+        del inputs
+    return stats
+
+
+def aggregation_seconds(rule: str, inputs: list[list[torch.Tensor]]) -> float:
+    """CPU seconds of the rule alone over all values of one round, in the parts the reducers see
+    (hivemind's default part size), on one thread: the work the group's reducers share."""
+    aggregate = functools.partial(get_aggregator(rule), num_byzantine=1)
+    part = DEFAULT_PART_SIZE_BYTES // 4
+    started = time.process_time()
+    for tensors in zip(*inputs):
+        flat = [tensor.reshape(-1) for tensor in tensors]
+        for offset in range(0, flat[0].numel(), part):
+            aggregate([tensor[offset: offset + part] for tensor in flat])
+    return time.process_time() - started
+
+
+def print_cost(stats: dict[str, dict]) -> tuple[list[str], bool]:
+    values = sum(torch.Size(shape).numel() for shape in COST_SHAPES)
+    print()
+    print(f"one round without attacks, {COST_PEERS} peers, {values / 1e6:.0f}M float32 ({4 * values / 1e6:.0f} MB) "
+          f"per peer, min_matchmaking_time {MIN_MATCHMAKING_TIME} s, target group {COST_PEERS}; per peer from the "
+          f"common call to its result; {COST_ROUNDS} rounds after {COST_WARM_UP} warm-up")
+    print("| averager | median s | min s | max s | failed peer-rounds | result checked | / hivemind | / ours, mean "
+          "| rule alone, CPU s (all values, 1 thread) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    hivemind = statistics.median(stats["hivemind"]["seconds"]) if stats["hivemind"]["seconds"] else float("nan")
+    labels = {"hivemind": "hivemind DecentralizedAverager (mean)",
+              **{rule: f"GroupAverager (ours), {rule}" for rule in COST_RULES}}
+    ours_mean = statistics.median(stats["mean"]["seconds"]) if stats["mean"]["seconds"] else float("nan")
+    ratios = {}
+    for name in ("hivemind", *COST_RULES):
+        seconds = stats[name]["seconds"] or [float("nan")]
+        ratios[name] = statistics.median(seconds) / hivemind
+        alone = f"{stats[name]['alone']:.2f}" if "alone" in stats[name] else "-"
+        print(f"| {labels[name]} | {statistics.median(seconds):.3f} | {min(seconds):.3f} | {max(seconds):.3f} | "
+              f"{stats[name]['failed']} of {COST_PEERS * COST_ROUNDS} | {stats[name]['correct']} | "
+              f"{ratios[name]:.2f}x | {statistics.median(seconds) / ours_mean:.2f}x | {alone} |")
+    verdict, passed = [], True
+    for rule in ("median", "centered_clip"):
+        ok = ratios[rule] <= COST_TARGET
+        passed &= ok
+        verdict.append(f"cost of {rule}: {ratios[rule]:.2f}x hivemind's round -> "
+                       f"{'within' if ok else 'NOT within'} {COST_TARGET}x")
+    return verdict, passed
+
+
+def main() -> None:
+    started = time.perf_counter()
+    # hivemind forks its DHT and averager processes: start them before this process has threads
+    # (our clients' event loops), and keep OpenMP out of it (not fork-safe); every peer then
+    # aggregates on one thread
+    torch.set_num_threads(1)
+    hivemind = peers = None
+    with LocalSwarm("unused") as local:
+        local.start_bootstrap()
+        try:
+            hivemind = HivemindForCost(local.initial_peers)
+            peers = Peers(local.initial_peers)
+            cost = cost_rounds(OursForCost(peers.clients[:COST_PEERS]), hivemind)
+            hivemind.shutdown()
+            hivemind = None
+            matrix = attack_matrix(peers)
+        finally:
+            if hivemind is not None:
+                hivemind.shutdown()
+            if peers is not None:
+                peers.shutdown()
+    matrix_verdict, matrix_passed = print_matrix(matrix)
+    cost_verdict, cost_passed = print_cost(cost)
+    print()
+    print("verdict:")
+    for line in matrix_verdict + cost_verdict:
+        print(f"- {line}")
+    print(f"all targets met: {matrix_passed and cost_passed}; wall time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
