@@ -22,8 +22,10 @@ Every robust aggregator (all but `mean`) first drops inputs containing NaN or In
 cannot come from an honest finite computation worth averaging, and one NaN would poison every
 coordinate it touches. `num_byzantine` is still the number of liars among the inputs given; the
 dropped ones are not subtracted from it, because an honest peer can overflow too and we would
-rather over-protect than under-protect. All arithmetic is in float64 (distances between
-gradients are sums of many squares) and results come back in the inputs' dtype.
+rather over-protect than under-protect. Ordering (median, trimming) is exact in the inputs'
+own dtype and runs there; means, and centered clip's centre, accumulate in float64; clipping
+weights come from float32 norms (a weighting, not a sum that cancels). Results come back in
+the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ import torch
 Aggregator = Callable[..., torch.Tensor]
 
 
-def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The inputs as one float64 matrix [count, numel], after checking they can be combined."""
+def _stack(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+    """The inputs as one matrix [count, numel] (float64 unless `dtype` is None: the inputs' own),
+    after checking they can be combined."""
     if len(tensors) == 0:
         raise ValueError("nothing to aggregate: got an empty sequence of tensors")
     shape, dtype = tensors[0].shape, tensors[0].dtype
@@ -47,12 +50,13 @@ def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         if tensor.shape != shape or tensor.dtype != dtype:
             raise ValueError(f"input {index} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; "
                              f"input 0 has shape {tuple(shape)} and dtype {dtype}: all inputs must match")
-    return torch.stack([tensor.detach().reshape(-1).to(torch.float64) for tensor in tensors])
+    return torch.stack([tensor.detach().reshape(-1).to(dtype or tensor.dtype) for tensor in tensors])
 
 
-def _finite_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The finite inputs as a float64 matrix [count, numel]; the robust aggregators' first step."""
-    stacked = _stack(tensors)
+def _finite_rows(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+    """The finite inputs as a matrix [count, numel] (float64 unless `dtype` is None); the robust
+    aggregators' first step."""
+    stacked = _stack(tensors, dtype)
     finite = stacked[torch.isfinite(stacked).all(dim=1)]
     if finite.shape[0] == 0:
         raise ValueError(f"all {len(tensors)} inputs contain NaN or Inf: nothing finite is left to aggregate")
@@ -80,15 +84,33 @@ def _shifted_mean(rows: torch.Tensor) -> torch.Tensor:
     return reference + (rows - reference).mean(dim=0)
 
 
-def _coordinate_median(rows: torch.Tensor) -> torch.Tensor:
-    """Per coordinate, the middle value; for an even count the mean of the two middle values.
+_NETWORK_MAX_ROWS = 8
 
-    torch.median returns the lower of the two, which would bias results downward."""
-    ordered = rows.sort(dim=0).values
+
+def _sorted_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each coordinate's values in ascending order, down the rows.
+
+    Ordering is exact in any float dtype, so the inputs' own (float32) is used, and for the few
+    rows of a group an odd-even transposition network of elementwise min/max (count passes) is
+    ~10x faster than torch.sort along a short strided dimension (4 x 2.5M: 10 ms against 110 ms)."""
+    if rows.shape[0] > _NETWORK_MAX_ROWS:
+        return rows.sort(dim=0).values
+    ordered = list(rows.unbind(0))
+    for phase in range(len(ordered)):
+        for index in range(phase % 2, len(ordered) - 1, 2):
+            low, high = ordered[index], ordered[index + 1]
+            ordered[index], ordered[index + 1] = torch.minimum(low, high), torch.maximum(low, high)
+    return torch.stack(ordered)
+
+
+def _coordinate_median(rows: torch.Tensor) -> torch.Tensor:
+    """Per coordinate, the middle value; for an even count the mean of the two middle values (in
+    float64). torch.median returns the lower of the two, which would bias results downward."""
+    ordered = _sorted_rows(rows)
     count = ordered.shape[0]
     if count % 2 == 1:
-        return ordered[count // 2]
-    lower, upper = ordered[count // 2 - 1], ordered[count // 2]
+        return ordered[count // 2].to(torch.float64)
+    lower, upper = ordered[count // 2 - 1].to(torch.float64), ordered[count // 2].to(torch.float64)
     return lower + (upper - lower) / 2  # not (lower+upper)/2, which can overflow for huge values
 
 
@@ -101,7 +123,7 @@ def mean(tensors: Sequence[torch.Tensor], num_byzantine: int = 0) -> torch.Tenso
 
 def median(tensors: Sequence[torch.Tensor], num_byzantine: int = 0) -> torch.Tensor:
     """Coordinate-wise median of the finite inputs."""
-    rows = _finite_rows(tensors)
+    rows = _finite_rows(tensors, dtype=None)
     _check_num_byzantine(num_byzantine, rows.shape[0], "median")
     return _output(_coordinate_median(rows), tensors[0])
 
@@ -113,7 +135,7 @@ def trimmed_mean(tensors: Sequence[torch.Tensor], num_byzantine: int | None = No
 
     `trim` defaults to `num_byzantine` (each liar can be the extreme of a coordinate, on either
     side), or without it to a quarter of the finite inputs, which leaves half of them averaged."""
-    rows = _finite_rows(tensors)
+    rows = _finite_rows(tensors, dtype=None)
     count = rows.shape[0]
     if trim is None:
         trim = num_byzantine if num_byzantine is not None else count // 4
@@ -122,8 +144,8 @@ def trimmed_mean(tensors: Sequence[torch.Tensor], num_byzantine: int | None = No
     if 2 * trim >= count:
         raise ValueError(f"trimming {trim} from each side of {count} finite inputs leaves nothing; "
                          f"need at least {2 * trim + 1} finite inputs or a smaller trim")
-    ordered = rows.sort(dim=0).values
-    return _output(_shifted_mean(ordered[trim : count - trim]), tensors[0])
+    ordered = _sorted_rows(rows)
+    return _output(_shifted_mean(ordered[trim : count - trim].to(torch.float64)), tensors[0])
 
 
 def centered_clip(tensors: Sequence[torch.Tensor], num_byzantine: int = 0, radius: float | None = None,
@@ -139,7 +161,9 @@ def centered_clip(tensors: Sequence[torch.Tensor], num_byzantine: int = 0, radiu
     - `radius`: the median L2 distance of the inputs to the start. With fewer liars than honest
       inputs that median is at most the distance of some honest input, so liars cannot inflate it.
     """
-    rows = _finite_rows(tensors)
+    # The clipping itself runs in the inputs' dtype (it is a weighting, not a sum that cancels);
+    # the centre accumulates in float64. Half the memory traffic of doing it all in float64.
+    rows = _finite_rows(tensors, dtype=None)
     count = rows.shape[0]
     _check_num_byzantine(num_byzantine, count, "centered_clip")
     if iterations < 0:
@@ -153,16 +177,18 @@ def centered_clip(tensors: Sequence[torch.Tensor], num_byzantine: int = 0, radiu
         if not torch.isfinite(center).all():
             raise ValueError("start contains NaN or Inf")
     if radius is None:
-        radius = float(torch.linalg.vector_norm(rows - center, dim=1).median())  # lower median: the smaller, safer one
+        radius = float(torch.linalg.vector_norm(rows - center.to(rows.dtype), dim=1).median())  # lower median: the smaller, safer one
     if radius < 0 or math.isnan(radius):
         raise ValueError(f"radius must be >= 0, got {radius}")
     for _ in range(iterations):
-        offsets = rows - center
-        distances = torch.linalg.vector_norm(offsets, dim=1, keepdim=True)
+        offsets = rows - center.to(rows.dtype)
+        distances = torch.linalg.vector_norm(offsets, dim=1, keepdim=True).to(torch.float64)
         # An input at distance 0 contributes a zero offset whatever its scale, so guarding the
         # division only avoids 0/0 = NaN.
         scales = torch.clamp(radius / distances.clamp_min(torch.finfo(torch.float64).tiny), max=1.0)
-        center = center + (offsets * scales).mean(dim=0)
+        # the weighted mean of the offsets as one [1, count] x [count, numel] product (BLAS)
+        step = (scales.to(rows.dtype).T @ offsets).squeeze(0) / count
+        center = center + step.to(torch.float64)
     return _output(center, tensors[0])
 
 
