@@ -10,13 +10,17 @@ checked from the id, so evidence-bearing work (accountable averaging) uses Ed255
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
+
+from protocol.network import NetworkOptions
 
 # identity multihash (0x00), length 36, then the protobuf PublicKey: Type=Ed25519 (0x08 0x01), Data (0x12 0x20)
 _ED25519_ID_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
@@ -70,3 +74,17 @@ def verify(peer_id: str, data: bytes, signature: bytes) -> bool:
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def accountable_identity(network: NetworkOptions
+                         ) -> tuple[NetworkOptions, PeerKey, tempfile.TemporaryDirectory | None]:
+    """An Ed25519 libp2p identity to sign rounds with: the one at `identity_path` (made there if the
+    file does not exist yet), or a fresh one in a temporary folder the caller removes when done."""
+    if network.identity_path is not None:
+        path = Path(network.identity_path)
+        key = PeerKey.from_identity_file(path) if path.exists() else PeerKey.create_identity_file(path)
+        return network, key, None
+    folder = tempfile.TemporaryDirectory(prefix="swarm-identity-")
+    path = Path(folder.name) / "identity.key"
+    key = PeerKey.create_identity_file(path)
+    return dataclasses.replace(network, identity_path=str(path)), key, folder

@@ -16,17 +16,15 @@ import contextlib
 import dataclasses
 import io
 import logging
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from hivemind.utils import get_dht_time
 
 from protocol.network import NetworkOptions
-from protocol.peer_keys import PeerKey
+from protocol.peer_keys import PeerKey, accountable_identity
 from swarm.client import ClientOptions, SwarmClient
 from swarm.robust import get_aggregator
 from swarm.training.accountability import AccountabilityOptions
@@ -34,7 +32,7 @@ from swarm.training.allreduce import Aggregate, RoundFailed
 from swarm.training.averager import AveragingOptions, GroupAverager, RoundResult, check_run_id
 from swarm.training.coded import CodedAverager, WorkerAssignment
 from swarm.training.coded_reduce import CodedOptions
-from swarm.training.progress import Progress, peers_ahead, ready_for_step, replicas_disagree
+from swarm.training.progress import Progress, RateMeter, peers_ahead, ready_for_step, replicas_disagree
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +68,7 @@ class CollaborativeOptimizer:
         self.extra_state: dict[str, Any] = {}  # travels with the state (e.g. the run's settings)
         self._accumulated = [torch.zeros_like(param) for param in self.params]
         self._lock = threading.RLock()  # the replica's state: held while stepping and while serving it
-        self._rate = _RateMeter()
+        self._rate = RateMeter()
         self._next_download = 0.0
         self.done = False
         self._owns_client = client is None
@@ -391,37 +389,6 @@ class CollaborativeOptimizer:
         self.close()
 
 
-def accountable_identity(network: NetworkOptions
-                         ) -> tuple[NetworkOptions, PeerKey, tempfile.TemporaryDirectory | None]:
-    """An Ed25519 libp2p identity to sign rounds with: the one at `identity_path` (made there if the
-    file does not exist yet), or a fresh one in a temporary folder the caller removes when done."""
-    if network.identity_path is not None:
-        path = Path(network.identity_path)
-        key = PeerKey.from_identity_file(path) if path.exists() else PeerKey.create_identity_file(path)
-        return network, key, None
-    folder = tempfile.TemporaryDirectory(prefix="swarm-identity-")
-    path = Path(folder.name) / "identity.key"
-    key = PeerKey.create_identity_file(path)
-    return dataclasses.replace(network, identity_path=str(path)), key, folder
-
-
 def _server_mode(network: NetworkOptions) -> NetworkOptions:
     """Averaging peers answer requests (join a group, reduce a part, send the state): never client mode."""
     return dataclasses.replace(network, client_mode=False)
-
-
-class _RateMeter:
-    """Samples per second over the last minute or so (what the progress report announces)."""
-
-    def __init__(self, horizon: float = 60.0):
-        self.horizon, self.events = horizon, []
-
-    def add(self, samples: int) -> None:
-        now = time.monotonic()
-        self.events = [(t, n) for t, n in self.events if now - t < self.horizon] + [(now, samples)]
-
-    def rate(self) -> float:
-        if len(self.events) < 2:
-            return 0.0
-        elapsed = self.events[-1][0] - self.events[0][0]
-        return sum(n for _, n in self.events[1:]) / elapsed if elapsed > 0 else 0.0

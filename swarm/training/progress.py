@@ -7,6 +7,7 @@ next global step, who is ahead of us (we must download the state), who averages 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Iterable
 
 
@@ -66,3 +67,20 @@ def replicas_disagree(gathered: Iterable[Any], relative_tolerance: float = 1e-5)
         fingerprints.append(fingerprint)
     return any(abs(value - reference) > relative_tolerance * max(abs(reference), 1e-12)
                for fingerprint in fingerprints[1:] for value, reference in zip(fingerprint, fingerprints[0]))
+
+
+class RateMeter:
+    """Samples per second over the last minute or so (what the progress report announces)."""
+
+    def __init__(self, horizon: float = 60.0):
+        self.horizon, self.events = horizon, []
+
+    def add(self, samples: int) -> None:
+        now = time.monotonic()
+        self.events = [(t, n) for t, n in self.events if now - t < self.horizon] + [(now, samples)]
+
+    def rate(self) -> float:
+        if len(self.events) < 2:
+            return 0.0
+        elapsed = self.events[-1][0] - self.events[0][0]
+        return sum(n for _, n in self.events[1:]) / elapsed if elapsed > 0 else 0.0
