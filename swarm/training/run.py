@@ -22,12 +22,12 @@ from hivemind.utils import get_dht_time
 from tqdm import tqdm
 
 from protocol.network import NetworkOptions
-from protocol.peer_keys import PeerKey
+from protocol.peer_keys import PeerKey, accountable_identity
 from swarm.client import ClientOptions, SwarmClient
 from swarm.training.averager import AveragingOptions, check_run_id
 from swarm.training.accountability import AccountabilityOptions
 from swarm.training.coded_reduce import CodedOptions
-from swarm.training.optimizer import CollaborativeOptimizer, accountable_identity
+from swarm.training.optimizer import CollaborativeOptimizer
 from swarm.training.shards import peer_seed
 from swarm.training.tasks import get_task
 
