@@ -165,6 +165,7 @@ class BlockService:
             logger.warning(f"refused a request from {context.remote_id}: {error}")
             for frame in _response_frames(ErrorReply(message=str(error), retryable=error.retryable)):
                 yield frame
+            await _linger(requests)
         except Exception as error:
             logger.exception(f"inference failed for {context.remote_id}")
             for frame in _response_frames(ErrorReply(message=f"peer failed: {type(error).__name__}: {error}",
@@ -205,6 +206,7 @@ class BlockService:
 
         for frame in await self._one_shot(requests, context, Forward, forward):
             yield frame
+        await _linger(requests)  # returns as soon as the client closes: its normal last move
 
     async def rpc_backward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                            context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -216,6 +218,7 @@ class BlockService:
 
         for frame in await self._one_shot(requests, context, Backward, backward):
             yield frame
+        await _linger(requests)
 
     async def rpc_probe(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                         context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -248,6 +251,18 @@ class BlockService:
             logger.exception(f"{kind.type_name} failed for {context.remote_id}")
             reply = ErrorReply(message=f"peer failed: {type(error).__name__}: {error}", retryable=True)
         return _response_frames(reply)
+
+
+async def _linger(requests: AsyncIterator[runtime_pb2.ExpertRequest], seconds: float = 2.0) -> None:
+    """After refusing, read (and drop) what the client still sends until it closes, for a moment:
+    closing at once makes the client's next write fail with a broken pipe, which can reach it
+    before our error reply does, and it would see "connection lost" instead of the reason."""
+    try:
+        async with asyncio.timeout(seconds):
+            async for _ in requests:
+                pass
+    except Exception:  # the stream broke or the client lingers: either way we are done
+        pass
 
 
 async def _messages(requests: AsyncIterator[runtime_pb2.ExpertRequest], max_bytes: int) -> AsyncIterator[Message]:

@@ -110,6 +110,13 @@ class RoundResult:
 class GroupAverager(ServicerBase):
     """Averages tensors with the run's peers; serves this peer's state to newcomers."""
 
+    def __init_subclass__(cls, **kwargs):
+        # hivemind caches a servicer's RPC handlers and stub type in class attributes on first use;
+        # a subclass would inherit its parent's (names and methods included) if the parent was used
+        # first, and its peers would then call handlers nobody registered
+        super().__init_subclass__(**kwargs)
+        cls._rpc_handlers, cls._stub_type = None, None
+
     def __init__(self, p2p: P2P, dht: DHTNode, run_id: str, options: AveragingOptions,
                  state_provider: Callable[[], bytes], peer_key: PeerKey | None = None,
                  accountability: AccountabilityOptions = AccountabilityOptions()):
