@@ -104,6 +104,7 @@ from swarm.robust import get_aggregator  # noqa: E402
 from swarm.training.accountability import AccountabilityOptions  # noqa: E402
 from swarm.training.averager import AveragingOptions, GroupAverager  # noqa: E402
 from swarm.training.tasks import get_task  # noqa: E402
+from _rounds import timed_round  # noqa: E402  (bench/ is the script's folder)
 
 # 1. the attack matrix
 PEERS, BYZANTINE = 8, 2
@@ -462,33 +463,6 @@ def cost_inputs(round_index: int) -> list[list[torch.Tensor]]:
     return [[torch.randn(shape, generator=generator) for shape in COST_SHAPES] for _ in range(COST_PEERS)]
 
 
-def timed_round(call, prepare=None) -> tuple[list[float | None], list]:
-    """Runs `call(peer)` in one thread per peer, all released together; per peer: (seconds, result),
-    seconds None when that peer's round failed."""
-    barrier = threading.Barrier(COST_PEERS)
-    seconds, results = [None] * COST_PEERS, [None] * COST_PEERS
-
-    def peer(index: int) -> None:
-        if prepare is not None:
-            prepare(index)
-        barrier.wait()
-        started = time.perf_counter()
-        try:
-            result = call(index)
-        except Exception as error:  # a failed round is counted, not fatal
-            results[index] = error
-            return
-        if result is not None:
-            seconds[index], results[index] = time.perf_counter() - started, result
-
-    threads = [threading.Thread(target=peer, args=(index,)) for index in range(COST_PEERS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(ROUND_TIMEOUT + MATCHMAKING_TIMEOUT + 30)
-    return seconds, results
-
-
 def check(rule: str, outputs: list[list[torch.Tensor]], inputs: list[list[torch.Tensor]]) -> bool:
     """The result of `rule` on every peer: the same everywhere, and for the mean and the median the
     exact statistic of the inputs (coordinate-wise, so the split into parts does not matter)."""
@@ -650,7 +624,7 @@ class HivemindForCost:
         def call(index):
             return self.averagers[index].step(timeout=MATCHMAKING_TIMEOUT, allow_retries=False)
 
-        seconds, results = timed_round(call, prepare)
+        seconds, results = timed_round(call, COST_PEERS, ROUND_TIMEOUT + MATCHMAKING_TIMEOUT + 30, prepare)
         outputs = []
         for averager in self.averagers:
             with averager.get_tensors() as tensors:

@@ -31,7 +31,6 @@ os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")  # keep the table readable; 
 
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from swarm.client import ClientOptions, SwarmClient  # noqa: E402
 from swarm.local_swarm import LocalSwarm  # noqa: E402
 from swarm.robust import get_aggregator  # noqa: E402
 from swarm.training.averager import AveragingOptions, GroupAverager  # noqa: E402
+from _rounds import timed_round  # noqa: E402  (bench/ is the script's folder)
 
 STEPS, MILESTONES = 40, (10, 20, 30, 40)
 TRAIN_FLAGS = ["--steps", str(STEPS), "--target-batch-size", "256", "--batch-size", "32", "--seed", "0"]
@@ -109,33 +109,6 @@ def close_to_mean(tensors, inputs: list[list[torch.Tensor]]) -> bool:
                                               for tensor, mean in zip(tensors, means))
 
 
-def timed_round(call, prepare=None) -> tuple[list[float | None], list]:
-    """Runs `call(peer)` in one thread per peer, all released together; per peer: (seconds, result),
-    seconds None when that peer's round failed."""
-    barrier = threading.Barrier(PEERS)
-    seconds, results = [None] * PEERS, [None] * PEERS
-
-    def peer(index: int) -> None:
-        if prepare is not None:
-            prepare(index)
-        barrier.wait()
-        started = time.perf_counter()
-        try:
-            result = call(index)
-        except Exception as error:  # a failed round is counted, not fatal
-            results[index] = error
-            return
-        if result is not None:
-            seconds[index], results[index] = time.perf_counter() - started, result
-
-    threads = [threading.Thread(target=peer, args=(index,)) for index in range(PEERS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(ROUND_TIMEOUT + MATCHMAKING_TIMEOUT + 30)
-    return seconds, results
-
-
 class Ours:
     def __init__(self, initial_peers: list[str]):
         options = AveragingOptions(min_matchmaking_time=MIN_MATCHMAKING_TIME, request_timeout=REQUEST_TIMEOUT,
@@ -154,7 +127,7 @@ class Ours:
             coroutine = self.averagers[index].average(inputs[index], f"round{round_index}", self.aggregate, PEERS)
             return self.clients[index].run(coroutine, timeout=ROUND_TIMEOUT + MATCHMAKING_TIMEOUT)
 
-        seconds, results = timed_round(call)
+        seconds, results = timed_round(call, PEERS, ROUND_TIMEOUT + MATCHMAKING_TIMEOUT + 30)
         correct = all(elapsed is not None and close_to_mean(result.tensors, inputs)
                       for elapsed, result in zip(seconds, results))
         return seconds, correct
@@ -188,7 +161,7 @@ class Hivemind:
         def call(index):
             return self.averagers[index].step(timeout=MATCHMAKING_TIMEOUT, allow_retries=False)
 
-        seconds, _ = timed_round(call, prepare)
+        seconds, _ = timed_round(call, PEERS, ROUND_TIMEOUT + MATCHMAKING_TIMEOUT + 30, prepare)
         correct = True
         for index, elapsed in enumerate(seconds):
             with self.averagers[index].get_tensors() as tensors:
