@@ -1,18 +1,15 @@
 """Lying reducers in real rounds (real DHT and libp2p, peers in this process): caught by the
 peers they answered, banned, reported, and convicted by a peer that only read the report."""
 
-import asyncio
 import os
 import tempfile
 import threading
 
-import pytest
 import torch
 
 from protocol.network import NetworkOptions
 from protocol.peer_keys import PeerKey
 from swarm.client import ClientOptions, SwarmClient
-from swarm.local_swarm import LocalSwarm
 from swarm.robust import get_aggregator
 from swarm.training import AveragingOptions
 from swarm.training.allreduce import RoundFailed
@@ -20,13 +17,6 @@ from swarm.training.averager import GroupAverager
 
 FAST = AveragingOptions(min_matchmaking_time=1.0, request_timeout=0.5, matchmaking_timeout=8.0, sender_timeout=20.0,
                         reducer_timeout=40.0)
-
-
-@pytest.fixture(scope="module")
-def initial_peers():
-    with LocalSwarm("unused") as local:
-        local.start_bootstrap()
-        yield local.initial_peers
 
 
 def accountable_peer(initial_peers, folder):

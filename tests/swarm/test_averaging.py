@@ -8,19 +8,11 @@ import torch
 
 from protocol.network import NetworkOptions
 from swarm.client import ClientOptions, SwarmClient
-from swarm.local_swarm import LocalSwarm
 from swarm.robust import get_aggregator
 from swarm.training import AveragingOptions, CollaborativeOptimizer
 from swarm.training.averager import GroupAverager
 
 FAST = AveragingOptions(min_matchmaking_time=1.0, request_timeout=0.5, matchmaking_timeout=10.0)
-
-
-@pytest.fixture(scope="module")
-def initial_peers():
-    with LocalSwarm("unused") as local:
-        local.start_bootstrap()
-        yield local.initial_peers
 
 
 def run_in_threads(function, count):
