@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--aggregator", default="mean",
                           help="how a group combines its gradients: mean, median, trimmed_mean, centered_clip, krum")
     settings.add_argument("--num-byzantine", type=int, default=0, help="liars the robust aggregators tolerate")
+    settings.add_argument("--worker-momentum", type=float,
+                          help="each peer sends its own running average of gradients (0 to 1; default 0.9 with a "
+                               "robust --aggregator and no --coding, else 0): robust rules then lose far less")
     settings.add_argument("--coding", choices=["fractional", "cyclic"],
                           help="global steps as coded rounds that do not wait for --stragglers slow peers")
     settings.add_argument("--stragglers", type=int, default=1, help="with --coding: slow peers a step does not wait for")
@@ -249,10 +252,18 @@ def _train(arguments: argparse.Namespace) -> int:
     for name in ("steps", "target_batch_size", "batch_size", "checkpoint_every"):
         if getattr(arguments, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    worker_momentum = arguments.worker_momentum
+    if worker_momentum is None:
+        worker_momentum = 0.9 if arguments.aggregator != "mean" and not arguments.coding else 0.0
+    if not 0.0 <= worker_momentum < 1.0:
+        raise ValueError("--worker-momentum must be at least 0 and below 1")
+    if worker_momentum and arguments.coding:
+        raise ValueError("--worker-momentum needs each peer's own gradients, --coding sums them across peers: "
+                         "pass --worker-momentum 0 or drop --coding")
     proposed = RunSettings(task=arguments.task, seed=arguments.seed, steps=arguments.steps,
                            target_batch_size=arguments.target_batch_size, lr=arguments.lr,
                            aggregator=arguments.aggregator, num_byzantine=arguments.num_byzantine,
-                           coding=arguments.coding or "", stragglers=arguments.stragglers if arguments.coding else 0,
+                           worker_momentum=worker_momentum, coding=arguments.coding or "", stragglers=arguments.stragglers if arguments.coding else 0,
                            proposed_at=time.time())
     result = run_training(TrainOptions(
         run_id=arguments.run_id, initial_peers=tuple(arguments.initial_peers), proposed=proposed,

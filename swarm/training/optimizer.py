@@ -45,12 +45,24 @@ class CollaborativeOptimizer:
                  load_state: bool = True, round_attempts: int = 3, progress_period: float = 0.25,
                  progress_expiry: float = 5.0, accountability: AccountabilityOptions | None = AccountabilityOptions(),
                  client: SwarmClient | None = None, peer_key: PeerKey | None = None,
-                 coding: CodedOptions | None = None):
+                 coding: CodedOptions | None = None, worker_momentum: float = 0.0):
         """`accountability` (on by default; None turns it off) signs every round and checks reducers
         before applying anything; it needs an Ed25519 libp2p identity: one is made unless
         `network.identity_path` names one (or, with your own `client`, pass its `peer_key`).
         `coding` makes global steps coded rounds (`coded_step`): gradient coding against stragglers,
-        checked by redundancy; it replaces accountability, whose checks need individual inputs."""
+        checked by redundancy; it replaces accountability, whose checks need individual inputs.
+        `worker_momentum` (beta > 0) makes each peer send its momentum rather than its last gradient:
+        m = beta m + g, torch's SGD momentum buffer, kept by the peer before aggregation. The honest
+        peers' vectors then spread far less, so a robust `aggregator` loses less of the honest mean
+        and lets less of a liar through (Karimireddy, He and Jaggi, ICML 2021). With the mean and SGD
+        without momentum this is exactly SGD with momentum beta on the averaged gradient. Pair it
+        with an optimizer that keeps no momentum of its own (SGD without momentum, Adam with betas
+        (0, beta2)). Coded rounds sum shard gradients across peers, so they cannot use it."""
+        if not 0.0 <= worker_momentum < 1.0:
+            raise ValueError(f"worker_momentum must be in [0, 1), got {worker_momentum}")
+        if coding is not None and worker_momentum:
+            raise ValueError("worker momentum needs each peer's own gradients; coded rounds sum shards across "
+                             "peers: use one or the other")
         if coding is not None:
             accountability = None
         self.params = [param for param in params]
@@ -67,6 +79,8 @@ class CollaborativeOptimizer:
         self.others: list[Progress] = []  # the latest reports of the other live peers
         self.extra_state: dict[str, Any] = {}  # travels with the state (e.g. the run's settings)
         self._accumulated = [torch.zeros_like(param) for param in self.params]
+        self.worker_momentum = worker_momentum
+        self._momentum: list[torch.Tensor] | None = None  # this peer's momentum buffer (worker momentum)
         self._lock = threading.RLock()  # the replica's state: held while stepping and while serving it
         self._rate = RateMeter()
         self._next_download = 0.0
@@ -159,13 +173,16 @@ class CollaborativeOptimizer:
     def _global_step(self) -> bool:
         with self._lock:
             gradients = [accumulated / self.samples for accumulated in self._accumulated]
+        momentum = self._next_momentum(gradients)
+        if momentum is not None:  # what this peer sends; kept once a step is applied
+            gradients = momentum
         for attempt in range(self.round_attempts):
             self.refresh_progress()  # decide on fresh reports: the background view lags a global step
             if peers_ahead(self.others, self.epoch):
                 self.load_state_from_peers()
                 return False
             if not [progress for progress in self.others if not progress.done]:
-                self._apply(gradients, group=())  # alone in the run: nothing to wait for
+                self._apply(gradients, group=(), momentum=momentum)  # alone in the run: nothing to wait for
                 return True
             # a partner one step behind in our view has usually just taken that step (the view lags):
             # wait for it rather than leave it out; peers further behind will download the state
@@ -176,7 +193,7 @@ class CollaborativeOptimizer:
                 logger.warning(f"averaging round for step {self.epoch + 1} failed ({error}); retrying")
                 continue
             if result is not None:
-                self._apply(result.tensors, group=result.peer_ids)
+                self._apply(result.tensors, group=result.peer_ids, momentum=momentum)
                 if replicas_disagree(result.gathered.values()):
                     # replicas that stepped alone (before they saw each other) or missed a download: the
                     # whole group (all see the same fingerprints) averages parameters and optimizer state
@@ -208,8 +225,19 @@ class CollaborativeOptimizer:
                     await round_task
                 return None
 
-    def _apply(self, gradients: Sequence[torch.Tensor], group: Sequence[str]) -> None:
+    def _next_momentum(self, gradients: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+        """This peer's first moment after this step's gradients (None without worker momentum)."""
+        if not self.worker_momentum:
+            return None
+        if self._momentum is None:
+            return [gradient.clone() for gradient in gradients]
+        return [self.worker_momentum * previous + gradient for previous, gradient in zip(self._momentum, gradients)]
+
+    def _apply(self, gradients: Sequence[torch.Tensor], group: Sequence[str],
+               momentum: list[torch.Tensor] | None = None) -> None:
         with self._lock:
+            if momentum is not None:
+                self._momentum = momentum
             for param, gradient in zip(self.params, gradients):
                 param.grad = gradient.to(param.dtype).reshape(param.shape).clone()
             self.optimizer.step()
@@ -279,6 +307,7 @@ class CollaborativeOptimizer:
                 param.copy_(value)
             self.optimizer.load_state_dict(state["optimizer"])
             self.epoch, self.extra_state = int(state["epoch"]), dict(state.get("extra", {}))
+            self._momentum = None  # another state: this peer's history no longer fits it
             for accumulated in self._accumulated:
                 accumulated.zero_()
             self.samples = 0

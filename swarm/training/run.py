@@ -45,6 +45,7 @@ class RunSettings:
     lr: float | None = None  # the task's default when None
     aggregator: str = "mean"
     num_byzantine: int = 0
+    worker_momentum: float = 0.0  # each peer's first moment, aggregated instead of its last gradient
     coding: str = ""  # "", "fractional" or "cyclic": global steps as coded rounds against stragglers
     stragglers: int = 0  # with coding: slow peers a step does not wait for
     proposed_at: float = 0.0
@@ -122,11 +123,14 @@ def _train(options: TrainOptions, settings: RunSettings, client: SwarmClient, pe
            ) -> dict[str, Any]:
     task = get_task(settings.task)
     model = task.build_model(settings.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr or task.default_lr)
+    # with worker momentum each peer keeps the momentum itself, before aggregation: Adam adds none
+    betas = (0.0, 0.999) if settings.worker_momentum else (0.9, 0.999)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr or task.default_lr, betas=betas)
     collaborative = CollaborativeOptimizer(
         model.parameters(), optimizer, run_id=options.run_id, initial_peers=options.initial_peers,
         target_batch_size=settings.target_batch_size, batch_size_per_step=options.batch_size,
         aggregator=settings.aggregator, num_byzantine=settings.num_byzantine, averaging=options.averaging,
+        worker_momentum=settings.worker_momentum,
         accountability=options.accountability, client=client, peer_key=peer_key, load_state=False,
         coding=CodedOptions(code=settings.coding, stragglers=settings.stragglers) if settings.coding else None)
     collaborative.averager.lie_as_reducer = options.lie_as_reducer

@@ -59,7 +59,11 @@ def test_checkpoint_resume_and_bad_input(tmp_path):
         for arguments, message in [(["mnist", "--run-id", "x"], "unknown task 'mnist'"),
                                    (["digits", "--run-id", "a.b"], "run id 'a.b'"),
                                    (["digits", "--run-id", "x", "--aggregator", "average"], "unknown aggregator"),
-                                   (["digits", "--run-id", "x", "--steps", "0"], "--steps must be at least 1")]:
+                                   (["digits", "--run-id", "x", "--steps", "0"], "--steps must be at least 1"),
+                                   (["digits", "--run-id", "x", "--worker-momentum", "1"],
+                                    "--worker-momentum must be at least 0 and below 1"),
+                                   (["digits", "--run-id", "x", "--coding", "cyclic", "--worker-momentum", "0.9"],
+                                    "pass --worker-momentum 0 or drop --coding")]:
             child = local._spawn("bad", ["train", *arguments, "--initial-peers", *local.initial_peers])
             assert child.process.wait(timeout=120) == 1
             assert message in child.log_path.read_text(), child.log_tail()

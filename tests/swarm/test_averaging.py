@@ -109,3 +109,44 @@ def test_replicas_hold_equal_parameters_after_every_round_and_a_late_joiner_catc
     finally:
         for _, collaborative in peers:
             collaborative.close()
+
+
+def test_worker_momentum_is_sgd_momentum_kept_on_the_peer(initial_peers):
+    """Alone in its run, a peer with worker momentum 0.9 and SGD without momentum takes exactly the
+    steps of a local SGD with momentum 0.9: the peer keeps torch's momentum buffer itself."""
+    torch.manual_seed(3)
+    model = torch.nn.Linear(6, 3)
+    reference = torch.nn.Linear(6, 3)
+    reference.load_state_dict(model.state_dict())
+    local = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    collaborative = CollaborativeOptimizer(
+        model.parameters(), torch.optim.SGD(model.parameters(), lr=0.05),
+        run_id="worker-momentum-alone", initial_peers=initial_peers, target_batch_size=4, batch_size_per_step=4,
+        averaging=FAST, worker_momentum=0.9)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(6):
+            inputs = torch.randn(4, 6, generator=generator)
+            for net in (model, reference):
+                net(inputs).square().mean().backward()
+            assert collaborative.step()
+            local.step()
+            local.zero_grad()
+        assert collaborative.epoch == 6
+        for param, expected in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6)
+    finally:
+        collaborative.close()
+
+
+def test_worker_momentum_refuses_coded_rounds_and_bad_betas():
+    from swarm.training.coded_reduce import CodedOptions
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="coded rounds sum shards"):
+        CollaborativeOptimizer(params, torch.optim.SGD(params, lr=0.1), run_id="x", initial_peers=[],
+                               target_batch_size=1, coding=CodedOptions(code="cyclic", stragglers=1),
+                               worker_momentum=0.9)
+    with pytest.raises(ValueError, match=r"worker_momentum must be in \[0, 1\)"):
+        CollaborativeOptimizer(params, torch.optim.SGD(params, lr=0.1), run_id="x", initial_peers=[],
+                               target_batch_size=1, worker_momentum=1.0)
