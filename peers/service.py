@@ -44,6 +44,7 @@ class ServingLimits:
     corrupt_after: int = 0  # test flag: with corrupt_outputs, this many outputs are honest first
     busy_threads: int | None = dataclasses.field(  # torch threads while several sessions generate
         default_factory=lambda: 1 if (os.cpu_count() or 1) <= 2 else None)  # None: as many as when idle
+    batch_wait: float | None = None  # seconds a step may wait for other sessions' steps (None: twice a step's time)
 
 
 class BlockService:
@@ -52,7 +53,8 @@ class BlockService:
         self.compute = compute  # the peer's single torch thread (see peers.server.Peer)
         self.sessions: dict[str, AttentionCache] = {}
         self.cache_bytes_used = 0
-        self.batcher = StepBatcher(blocks, compute, after_compute=self._delay, busy_threads=limits.busy_threads)
+        self.batcher = StepBatcher(blocks, compute, after_compute=self._delay, busy_threads=limits.busy_threads,
+                                    gather_window=limits.batch_wait)
         self.draining = False  # refuse new sessions: the peer is leaving or moving
         self.outputs_served = 0  # step and forward answers, counted for the corrupt_after test flag
         if limits.corrupt_outputs:
@@ -64,7 +66,7 @@ class BlockService:
         step (their clients replay elsewhere)."""
         self.blocks = blocks
         self.batcher = StepBatcher(blocks, self.compute, after_compute=self._delay,
-                                   busy_threads=self.limits.busy_threads)
+                                   busy_threads=self.limits.busy_threads, gather_window=self.limits.batch_wait)
 
     @property
     def cache_tokens_left(self) -> int:
@@ -174,6 +176,7 @@ class BlockService:
         finally:
             if session_id is not None:
                 cache = self.sessions.pop(session_id)
+                self.batcher.forget(cache)
                 self.cache_bytes_used -= cache.nbytes
                 logger.info(f"session {session_id} closed ({len(self.sessions)} open)")
 

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--busy-threads", type=int, default=0,
                       help="torch threads while several sessions generate (default: 1 on machines with 2 cores "
                            "or fewer, where spinning workers starve the network side; all otherwise)")
+    peer.add_argument("--batch-wait", type=float,
+                      help="seconds a step may wait for other generating sessions' steps to run them as one batch "
+                           "(default: twice the time one step takes on this peer; 0: never wait)")
     peer.add_argument("--compute-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow peer
     # tests: a lying peer: noise of this size (relative to each position's RMS) on every output after the first N
     peer.add_argument("--corrupt-outputs", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -176,6 +179,7 @@ def _peer(arguments: argparse.Namespace) -> int:
                              cache_bytes=arguments.attention_cache_mib * 1024**2,
                              session_idle_timeout=arguments.session_timeout, compute_delay=arguments.compute_delay,
                              corrupt_outputs=arguments.corrupt_outputs, corrupt_after=arguments.corrupt_after,
+                             batch_wait=arguments.batch_wait,
                              **({"busy_threads": arguments.busy_threads} if arguments.busy_threads else {})),
         throughput=arguments.throughput,
     )

@@ -1,0 +1,69 @@
+"""StepBatcher on its own (a stand-in for the blocks records what runs together): steps of
+generating sessions wait for each other's next steps only when those are due soon."""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from peers.batching import StepBatcher
+
+
+class RecordingBlocks:
+    def __init__(self):
+        self.batches: list[int] = []  # sessions per computation, in order
+
+    def __call__(self, hidden_states, start, end, position, cache):
+        self.batches.append(1)
+        return hidden_states + 1
+
+    def forward_many(self, steps, start, end):
+        self.batches.append(len(steps))
+        return [hidden_states + 1 for hidden_states, _, _ in steps]
+
+
+class Session:  # stands for an attention cache: the batcher only needs its identity
+    pass
+
+
+def run_rounds(window: float, lag: float, rounds: int = 5, forget_b: bool = False) -> tuple[list[int], list[str]]:
+    """Sessions A and B step together `rounds` times, B `lag` seconds after A each time."""
+    blocks, events = RecordingBlocks(), []
+
+    async def main():
+        with ThreadPoolExecutor(1) as compute:
+            batcher = StepBatcher(blocks, compute, after_compute=lambda: None, gather_window=window)
+            a, b = Session(), Session()
+
+            async def step(name, cache, delay):
+                await asyncio.sleep(delay)
+                events.append(f"{name} sent")
+                output = await batcher.submit(torch.zeros(1, 1, 4), 0, 2, 0, cache)
+                assert torch.equal(output, torch.ones(1, 1, 4))
+                events.append(f"{name} done")
+
+            for index in range(rounds):
+                if forget_b and index == rounds - 1:
+                    batcher.forget(b)  # B's session closed: A's last step must not wait for it
+                    await step("A", a, 0.0)
+                else:
+                    await asyncio.gather(step("A", a, 0.0), step("B", b, lag))
+                await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    return blocks.batches, events
+
+
+def test_a_step_waits_for_a_session_due_within_the_window():
+    batches, _ = run_rounds(window=0.5, lag=0.1)
+    assert batches[:4] == [1, 1, 1, 1]  # two rounds to learn B's rhythm: nothing to wait for yet
+    assert batches[4:] == [2, 2, 2], batches  # then B is due within the window: one batch each round
+
+
+def test_no_wait_without_a_window_for_a_closed_session_or_one_due_later():
+    assert run_rounds(window=0.0, lag=0.1)[0] == [1] * 10
+    batches, events = run_rounds(window=0.5, lag=0.1, forget_b=True)
+    assert batches == [1, 1, 1, 1, 2, 2, 1], batches
+    batches, events = run_rounds(window=0.05, lag=0.2)  # B's steps come later than the window reaches
+    assert batches == [1] * 10, batches
+    assert events[-4:] == ["A sent", "A done", "B sent", "B done"]
