@@ -66,6 +66,16 @@ class AttentionCache:
         return self.keys[index, :, :, :end], self.values[index, :, :, :end]
 
 
+def _transpose_storage(layer: nn.Module) -> None:
+    """Store every projection's weight [out, in] column-major: `linear` multiplies by its
+    transpose, which is then contiguous, and a generation step (one row of inputs) through
+    10 blocks of the embedded model takes 7.0 instead of 9.5 ms on this machine's CPU. Same
+    values and shapes; sums may round differently in the last bits."""
+    for module in layer.modules():
+        if isinstance(module, nn.Linear):
+            module.weight = nn.Parameter(module.weight.detach().t().contiguous().t(), requires_grad=False)
+
+
 class BlockSpan(nn.Module):
     """Blocks [start, end) of a model, with the rotary embedding they share."""
 
@@ -82,6 +92,7 @@ class BlockSpan(nn.Module):
             with torch.device("meta"):  # no throwaway random init: the real weights are assigned below
                 layer = layer_class(self.config, layer_idx=index)
             layer.load_state_dict(store.block_state(index), strict=True, assign=True)
+            _transpose_storage(layer)
             layers.append(layer.eval())
         self.layers = nn.ModuleList(layers)
         self.rotary = rotary_class(config=self.config)
