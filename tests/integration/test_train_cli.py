@@ -92,7 +92,8 @@ def test_coded_steps_do_not_wait_for_a_straggler():
     others decode each step without it; everyone ends with equal parameters."""
     with LocalSwarm("unused") as local:
         local.start_bootstrap()
-        coded = ["--steps", "30", "--coding", "cyclic", "--stragglers", "1"]
+        # 64 samples per shard: 4 shards gather 256 per step, like the other runs
+        coded = ["--steps", "30", "--coding", "cyclic", "--stragglers", "1", "--batch-size", "64"]
         trainers = [local.start_trainer("digits", "coded", coded) for _ in range(3)]
         slow = local.start_trainer("digits", "coded", [*coded, "--straggle", "3"])
         results = [local.trainer_result(trainer) for trainer in [*trainers, slow]]
