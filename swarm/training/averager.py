@@ -126,6 +126,9 @@ class GroupAverager(ServicerBase):
         self.peer_key = peer_key
         self.accountability = (Accountability(p2p.peer_id.to_base58(), dht, run_id, accountability)
                                if peer_key is not None else None)
+        # refused as groupmates on this peer's own finding, with no evidence others could check (peers
+        # that coded groups outvoted again and again): peer id -> why
+        self.local_bans: dict[str, str] = {}
         self.lie_as_reducer = False  # tests and benches: a Byzantine reducer
         self._reports_task: asyncio.Task | None = None
         self._dht = _MatchmakingDHT(dht, p2p.peer_id)
@@ -236,10 +239,12 @@ class GroupAverager(ServicerBase):
         self.accountability.remember(runner)
         return runner
 
+    def refuses(self, peer_id: str) -> bool:
+        """Banned with evidence (accountability) or locally: never a groupmate of ours."""
+        return peer_id in self.local_bans or (self.accountability is not None and peer_id in self.accountability.banned)
+
     def _banned_in(self, group: GroupInfo) -> list[str]:
-        if self.accountability is None:
-            return []
-        return [peer.to_base58() for peer in group.peer_ids if peer.to_base58() in self.accountability.banned]
+        return [peer.to_base58() for peer in group.peer_ids if self.refuses(peer.to_base58())]
 
     @contextlib.contextmanager
     def _registered(self, group: GroupInfo):
@@ -252,7 +257,7 @@ class GroupAverager(ServicerBase):
 
     async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
                              ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
-        if self.accountability is not None and context.remote_id.to_base58() in self.accountability.banned:
+        if self.refuses(context.remote_id.to_base58()):
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         if self._matchmaking is None:

@@ -36,6 +36,8 @@ from swarm.training.progress import Progress, RateMeter, peers_ahead, ready_for_
 
 logger = logging.getLogger(__name__)
 
+OUTVOTED_ROUNDS_TO_BAN = 3  # coded rounds in which a peer's group outvoted it before it is refused as a groupmate
+
 
 class CollaborativeOptimizer:
     def __init__(self, params: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer, *, run_id: str,
@@ -162,6 +164,8 @@ class CollaborativeOptimizer:
             return False
         for liar in result.liars:
             self.outvoted[liar] = self.outvoted.get(liar, 0) + 1
+            if self.outvoted[liar] >= OUTVOTED_ROUNDS_TO_BAN:  # its copies disagreed with its group again and again
+                self.averager.local_bans.setdefault(liar, f"outvoted by its coded group in {self.outvoted[liar]} rounds")
         if result.left_out:
             logger.info(f"step {self.epoch + 1} decoded without waiting for {len(result.left_out)} peer(s)")
         self._apply(result.tensors, group=result.peer_ids)
@@ -342,12 +346,10 @@ class CollaborativeOptimizer:
     @property
     def banned(self) -> dict[str, str]:
         """Peers left out of our groups, downloads and counts (peer id -> why)."""
-        accountability = self.averager.accountability if hasattr(self, "averager") else None
-        banned = dict(accountability.banned) if accountability is not None else {}
-        for peer, rounds in getattr(self, "outvoted", {}).items():
-            if rounds >= 3:  # coded rounds: its copies disagreed with its group's majority again and again
-                banned.setdefault(peer, f"outvoted by its coded group in {rounds} rounds")
-        return banned
+        if not hasattr(self, "averager"):
+            return {}
+        accountability = self.averager.accountability
+        return {**self.averager.local_bans, **(accountability.banned if accountability is not None else {})}
 
     def _progress(self) -> Progress:
         return Progress(self.peer_id, self.epoch, self.samples, self._rate.rate(), self.done)

@@ -5,9 +5,12 @@ gradient computation (so the timing does not depend on how busy the machine's co
 import functools
 import threading
 import time
+import types
 
 import pytest
 import torch
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.proto import averaging_pb2
 
 from protocol.network import NetworkOptions
 from swarm.client import ClientOptions, SwarmClient
@@ -203,3 +206,23 @@ def test_too_few_workers_to_decode_fail_the_round_with_a_clear_error(clients):
     undecodable = [error for error in errors if "do not determine the gradient sum" in str(error)]
     assert len(undecodable) >= 2, errors  # the two workers on time say why (their own slices failed)
     assert "FractionalRepetitionCode(n=4, s=1) decodes from any 3 workers" in str(undecodable[0])
+
+
+def test_a_locally_banned_peer_is_refused_as_a_groupmate(clients):
+    """Peers that coded groups outvoted in 3 rounds are banned locally (CollaborativeOptimizer):
+    their requests to join are refused, and a group that includes them is not taken part in."""
+    averager = CodedAverager(clients[0].p2p, clients[0].dht, "coded-local-ban", FAST, state_provider=bytes)
+    clients[0].run(averager.start())
+    outsider, member = clients[1].p2p.peer_id, clients[2].p2p.peer_id
+    averager.local_bans[outsider.to_base58()] = "outvoted by its coded group in 3 rounds"
+
+    async def join(remote):
+        context = types.SimpleNamespace(remote_id=remote)
+        return [response.code async for response in averager.rpc_join_group(averaging_pb2.JoinRequest(), context)]
+
+    assert clients[0].run(join(outsider)) == [averaging_pb2.PROTOCOL_VIOLATION]
+    assert clients[0].run(join(member)) != [averaging_pb2.PROTOCOL_VIOLATION]  # not looking for a group: another code
+    group = GroupInfo(group_id=b"g", peer_ids=(clients[0].p2p.peer_id, outsider, member), gathered=(b"", b"", b""))
+    assert averager._banned_in(group) == [outsider.to_base58()]
+    assert averager.refuses(outsider.to_base58()) and not averager.refuses(member.to_base58())
+    clients[0].run(averager.stop())
