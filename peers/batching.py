@@ -56,6 +56,7 @@ class StepBatcher:
         self._step_seconds: float | None = None  # moving average of one batch's compute time
         self._last_step: dict[int, float] = {}  # cache id -> when its session last sent a step
         self._interval: dict[int, float] = {}  # cache id -> typical time between its steps (moving average)
+        self._span: dict[int, tuple[int, int]] = {}  # cache id -> the blocks its steps go through
         self._idle_threads: int | None = None  # torch threads when one session generates
         self._pending: list[_PendingStep] = []
         self._wakeup = asyncio.Event()
@@ -72,15 +73,15 @@ class StepBatcher:
         if key in self._last_step:
             interval = now - self._last_step[key]
             self._interval[key] = 0.7 * self._interval.get(key, interval) + 0.3 * interval
-        self._last_step[key] = now
+        self._last_step[key], self._span[key] = now, (start, end)
         self._pending.append(_PendingStep(hidden_states, start, end, position, cache, result, now))
         self._wakeup.set()
         return await result
 
     def forget(self, cache: AttentionCache) -> None:
         """The session closed: no step of it is worth waiting for."""
-        self._last_step.pop(id(cache), None)
-        self._interval.pop(id(cache), None)
+        for table in (self._last_step, self._interval, self._span):
+            table.pop(id(cache), None)
 
     @property
     def window(self) -> float:
@@ -92,8 +93,10 @@ class StepBatcher:
         """Wait (until the window after the oldest waiting step arrived) for the next steps of the
         other generating sessions expected by then, so they run in one batch."""
         loop = asyncio.get_running_loop()
-        deadline = self._pending[0].arrived + self.window
-        while (remaining := deadline - loop.time()) > 0 and self._expected_by(deadline, loop.time()):
+        first = self._pending[0]
+        deadline = first.arrived + self.window
+        while (remaining := deadline - loop.time()) > 0 and self._expected_by((first.start, first.end), deadline,
+                                                                              loop.time()):
             self._wakeup.clear()
             try:
                 async with asyncio.timeout(remaining):
@@ -101,10 +104,12 @@ class StepBatcher:
             except TimeoutError:
                 return
 
-    def _expected_by(self, deadline: float, now: float) -> bool:
-        """Some generating session without a waiting step is due to send one before `deadline`."""
+    def _expected_by(self, span: tuple[int, int], deadline: float, now: float) -> bool:
+        """Some generating session over `span` (only those share a batch) without a waiting step is
+        due to send one before `deadline`."""
         waiting = {id(step.cache) for step in self._pending}
-        return any(key not in waiting and key in self._interval and last + self._interval[key] <= deadline
+        return any(key not in waiting and key in self._interval and self._span.get(key) == span
+                   and last + self._interval[key] <= deadline
                    for key, last in self._last_step.items() if now - last < self.active_for)
 
     def _take_batch(self) -> list[_PendingStep]:
@@ -122,6 +127,7 @@ class StepBatcher:
     def _generating_sessions(self, now: float) -> int:
         self._last_step = {key: when for key, when in self._last_step.items() if now - when < self.active_for}
         self._interval = {key: value for key, value in self._interval.items() if key in self._last_step}
+        self._span = {key: value for key, value in self._span.items() if key in self._last_step}
         return len(self._last_step)
 
     def _run(self, batch: list[_PendingStep], busy: bool = False) -> list[torch.Tensor]:

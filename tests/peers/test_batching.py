@@ -26,8 +26,10 @@ class Session:  # stands for an attention cache: the batcher only needs its iden
     pass
 
 
-def run_rounds(window: float, lag: float, rounds: int = 5, forget_b: bool = False) -> tuple[list[int], list[str]]:
-    """Sessions A and B step together `rounds` times, B `lag` seconds after A each time."""
+def run_rounds(window: float, lag: float, rounds: int = 5, forget_b: bool = False, b_start: int = 0
+               ) -> tuple[list[int], list[str]]:
+    """Sessions A and B step together `rounds` times, B `lag` seconds after A each time; A goes
+    through blocks 0:2, B through b_start:2."""
     blocks, events = RecordingBlocks(), []
 
     async def main():
@@ -38,7 +40,7 @@ def run_rounds(window: float, lag: float, rounds: int = 5, forget_b: bool = Fals
             async def step(name, cache, delay):
                 await asyncio.sleep(delay)
                 events.append(f"{name} sent")
-                output = await batcher.submit(torch.zeros(1, 1, 4), 0, 2, 0, cache)
+                output = await batcher.submit(torch.zeros(1, 1, 4), b_start if name == "B" else 0, 2, 0, cache)
                 assert torch.equal(output, torch.ones(1, 1, 4))
                 events.append(f"{name} done")
 
@@ -65,5 +67,12 @@ def test_no_wait_without_a_window_for_a_closed_session_or_one_due_later():
     batches, events = run_rounds(window=0.5, lag=0.1, forget_b=True)
     assert batches == [1, 1, 1, 1, 2, 2, 1], batches
     batches, events = run_rounds(window=0.05, lag=0.2)  # B's steps come later than the window reaches
+    assert batches == [1] * 10, batches
+    assert events[-4:] == ["A sent", "A done", "B sent", "B done"]
+
+
+def test_no_wait_for_a_session_over_other_blocks():
+    """Steps over other blocks never share a batch: waiting for them would only delay."""
+    batches, events = run_rounds(window=0.5, lag=0.1, b_start=1)
     assert batches == [1] * 10, batches
     assert events[-4:] == ["A sent", "A done", "B sent", "B done"]
