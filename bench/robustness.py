@@ -103,7 +103,7 @@ import numpy  # noqa: E402
 import torch  # noqa: E402
 from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES  # noqa: E402
 
-from protocol.network import STARTUP_TIMEOUT, NetworkOptions, die_with_parent  # noqa: E402
+from protocol.network import NetworkOptions, die_with_parent  # noqa: E402
 from protocol.peer_keys import PeerKey  # noqa: E402
 from swarm import attacks  # noqa: E402
 from swarm.client import ClientOptions, SwarmClient  # noqa: E402
@@ -112,7 +112,7 @@ from swarm.robust import get_aggregator  # noqa: E402
 from swarm.training.accountability import AccountabilityOptions  # noqa: E402
 from swarm.training.averager import AveragingOptions, GroupAverager  # noqa: E402
 from swarm.training.tasks import get_task  # noqa: E402
-from _rounds import timed_round  # noqa: E402  (bench/ is the script's folder)
+from _rounds import HivemindAveragers  # noqa: E402  (bench/ is the script's folder)
 
 # 1. the attack matrix
 PEERS, BYZANTINE = 8, 2
@@ -610,44 +610,16 @@ class OursForCost:
             channel.cancel_join_thread()
 
 
-class HivemindForCost:
+class HivemindForCost(HivemindAveragers):
     def __init__(self, initial_peers: list[str]):
-        from hivemind import DHT
-        from hivemind.averaging import DecentralizedAverager
-
-        # loopback only, no UPnP/NAT-PMP probes (as our NetworkOptions), the same generous start-up
-        network = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, startup_timeout=STARTUP_TIMEOUT)
-        self.dhts, self.averagers = [], []
-        for _ in range(COST_PEERS):
-            self.dhts.append(DHT(initial_peers=initial_peers, start=True, **network))
-            self.averagers.append(DecentralizedAverager(
-                [torch.zeros(shape) for shape in COST_SHAPES], self.dhts[-1], prefix="bench-hivemind-cost",
-                target_group_size=COST_PEERS, min_matchmaking_time=MIN_MATCHMAKING_TIME,
-                request_timeout=REQUEST_TIMEOUT, allreduce_timeout=ROUND_TIMEOUT, start=True))
+        super().__init__(initial_peers, COST_PEERS, COST_SHAPES, "bench-hivemind-cost",
+                         min_matchmaking_time=MIN_MATCHMAKING_TIME, request_timeout=REQUEST_TIMEOUT,
+                         round_timeout=ROUND_TIMEOUT)
 
     def round(self, round_index: int, inputs: list[list[torch.Tensor]]) -> tuple[list, bool, list]:
-        def prepare(index):  # the averager averages its own shared tensors in place: load this round's inputs
-            with self.averagers[index].get_tensors() as tensors:
-                for tensor, value in zip(tensors, inputs[index]):
-                    tensor.copy_(value)
-
-        def call(index):
-            return self.averagers[index].step(timeout=MATCHMAKING_TIMEOUT, allow_retries=False)
-
-        seconds, results = timed_round(call, COST_PEERS, ROUND_TIMEOUT + MATCHMAKING_TIMEOUT + 30, prepare)
-        outputs = []
-        for averager in self.averagers:
-            with averager.get_tensors() as tensors:
-                outputs.append([tensor.clone() for tensor in tensors])
+        seconds, results, outputs = self.timed_round(inputs, MATCHMAKING_TIMEOUT)
         correct = all(elapsed is not None for elapsed in seconds) and check("mean", outputs, inputs)
         return seconds, correct, [None if elapsed else repr(result) for elapsed, result in zip(seconds, results)]
-
-    def shutdown(self) -> None:
-        for process in [*self.averagers, *self.dhts]:
-            try:
-                process.shutdown()
-            except Exception as error:
-                print(f"shutting down {type(process).__name__}: {error}", file=sys.stderr)
 
 
 def cost_rounds(ours: OursForCost, hivemind: HivemindForCost) -> dict[str, dict]:

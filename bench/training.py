@@ -38,12 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from protocol.network import STARTUP_TIMEOUT, NetworkOptions  # noqa: E402
+from protocol.network import NetworkOptions  # noqa: E402
 from swarm.client import ClientOptions, SwarmClient  # noqa: E402
 from swarm.local_swarm import LocalSwarm  # noqa: E402
 from swarm.robust import get_aggregator  # noqa: E402
 from swarm.training.averager import AveragingOptions, GroupAverager  # noqa: E402
-from _rounds import timed_round  # noqa: E402  (bench/ is the script's folder)
+from _rounds import HivemindAveragers, timed_round  # noqa: E402  (bench/ is the script's folder)
 
 STEPS, MILESTONES = 40, (10, 20, 30, 40)
 TRAIN_FLAGS = ["--steps", str(STEPS), "--target-batch-size", "256", "--batch-size", "32", "--seed", "0"]
@@ -137,43 +137,15 @@ class Ours:
             client.shutdown()
 
 
-class Hivemind:
+class Hivemind(HivemindAveragers):
     def __init__(self, initial_peers: list[str]):
-        from hivemind import DHT
-        from hivemind.averaging import DecentralizedAverager
-
-        # loopback only, no UPnP/NAT-PMP probes (as our NetworkOptions), the same generous start-up
-        network = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, startup_timeout=STARTUP_TIMEOUT)
-        self.dhts, self.averagers = [], []
-        for _ in range(PEERS):
-            self.dhts.append(DHT(initial_peers=initial_peers, start=True, **network))
-            self.averagers.append(DecentralizedAverager(
-                [torch.zeros(shape) for shape in SHAPES], self.dhts[-1], prefix="bench-hivemind",
-                target_group_size=PEERS, min_matchmaking_time=MIN_MATCHMAKING_TIME, request_timeout=REQUEST_TIMEOUT,
-                allreduce_timeout=ROUND_TIMEOUT, start=True))
+        super().__init__(initial_peers, PEERS, SHAPES, "bench-hivemind", min_matchmaking_time=MIN_MATCHMAKING_TIME,
+                         request_timeout=REQUEST_TIMEOUT, round_timeout=ROUND_TIMEOUT)
 
     def round(self, round_index: int, inputs: list[list[torch.Tensor]]) -> tuple[list, bool]:
-        def prepare(index):  # the averager averages its own shared tensors in place: load this round's inputs
-            with self.averagers[index].get_tensors() as tensors:
-                for tensor, value in zip(tensors, inputs[index]):
-                    tensor.copy_(value)
-
-        def call(index):
-            return self.averagers[index].step(timeout=MATCHMAKING_TIMEOUT, allow_retries=False)
-
-        seconds, _ = timed_round(call, PEERS, ROUND_TIMEOUT + MATCHMAKING_TIMEOUT + 30, prepare)
-        correct = True
-        for index, elapsed in enumerate(seconds):
-            with self.averagers[index].get_tensors() as tensors:
-                correct &= elapsed is not None and close_to_mean([t.clone() for t in tensors], inputs)
+        seconds, _, outputs = self.timed_round(inputs, MATCHMAKING_TIMEOUT)
+        correct = all(elapsed is not None and close_to_mean(output, inputs) for elapsed, output in zip(seconds, outputs))
         return seconds, correct
-
-    def shutdown(self) -> None:
-        for process in [*self.averagers, *self.dhts]:
-            try:
-                process.shutdown()
-            except Exception as error:
-                print(f"shutting down {type(process).__name__}: {error}", file=sys.stderr)
 
 
 def compare_rounds(initial_peers: list[str]) -> None:
