@@ -155,7 +155,7 @@ class CollaborativeOptimizer:
         try:
             result = self.client.run(
                 self.averager.coded_round(compute, self.params, f"coded-{self.epoch}", self.coding, len(live) + 1,
-                                          gather=self._progress().to_wire()),
+                                          gather={**self._progress().to_wire(), "fingerprint": self._fingerprint()}),
                 timeout=options.matchmaking_timeout + options.round_timeout + 10)
         except RoundFailed as error:
             logger.warning(f"coded round for step {self.epoch + 1} failed ({error})")
@@ -169,6 +169,7 @@ class CollaborativeOptimizer:
         if result.left_out:
             logger.info(f"step {self.epoch + 1} decoded without waiting for {len(result.left_out)} peer(s)")
         self._apply(result.tensors, group=result.peer_ids)
+        self._repair_if_replicas_differ(result.gathered, len(result.peer_ids))
         return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -198,14 +199,18 @@ class CollaborativeOptimizer:
                 continue
             if result is not None:
                 self._apply(result.tensors, group=result.peer_ids, momentum=momentum)
-                if replicas_disagree(result.gathered.values()):
-                    # replicas that stepped alone (before they saw each other) or missed a download: the
-                    # whole group (all see the same fingerprints) averages parameters and optimizer state
-                    logger.info(f"the group's replicas differed at step {self.epoch}: averaging their state")
-                    self._average_state(f"repair-{self.epoch}", len(result.peer_ids), with_optimizer=True)
+                self._repair_if_replicas_differ(result.gathered, len(result.peer_ids))
                 return True
             logger.info(f"no group formed for step {self.epoch + 1} (attempt {attempt + 1}); retrying")
         return False  # keep accumulating: the next step() tries again
+
+    def _repair_if_replicas_differ(self, gathered: dict[str, dict], group_size: int) -> None:
+        """Replicas that stepped alone (before they saw each other) or missed a download apply the
+        same averaged gradients to different parameters and never meet again: the whole group (all
+        see the same fingerprints, so all decide alike) averages parameters and optimizer state."""
+        if replicas_disagree(gathered.values()):
+            logger.info(f"the group's replicas differed at step {self.epoch}: averaging their state")
+            self._average_state(f"repair-{self.epoch}", group_size, with_optimizer=True)
 
     def _average(self, tensors: Sequence[torch.Tensor], tag: str, expected_group_size: int) -> RoundResult | None:
         options = self.averager.options

@@ -11,6 +11,7 @@ from swarm.client import ClientOptions, SwarmClient
 from swarm.robust import get_aggregator
 from swarm.training import AveragingOptions, CollaborativeOptimizer
 from swarm.training.averager import GroupAverager
+from swarm.training.coded import CodedOptions
 
 FAST = AveragingOptions(min_matchmaking_time=1.0, request_timeout=0.5, matchmaking_timeout=10.0)
 
@@ -150,3 +151,39 @@ def test_worker_momentum_refuses_coded_rounds_and_bad_betas():
     with pytest.raises(ValueError, match=r"worker_momentum must be in \[0, 1\)"):
         CollaborativeOptimizer(params, torch.optim.SGD(params, lr=0.1), run_id="x", initial_peers=[],
                                target_batch_size=1, worker_momentum=1.0)
+
+
+def test_coded_replicas_that_start_apart_are_repaired(initial_peers):
+    """Coded rounds average gradients, so replicas that differ (one stepped alone before it saw the
+    others, say) would apply the same steps to different parameters forever: the fingerprints sent
+    along each round show it, and the group averages its state."""
+    def make(seed):
+        torch.manual_seed(seed)  # different initial weights and no download: the replicas start apart
+        model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        return model, CollaborativeOptimizer(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.05),
+                                             run_id="coded-apart", initial_peers=initial_peers, target_batch_size=24,
+                                             averaging=FAST, load_state=False,
+                                             coding=CodedOptions(code="cyclic", stragglers=1))
+
+    peers = [make(seed) for seed in range(3)]
+
+    def train(index):
+        model, collaborative = peers[index]
+
+        def shard_gradients(epoch, shard, num_shards):
+            inputs = torch.randn(8, 16, generator=torch.Generator().manual_seed(1000 * epoch + shard))
+            loss = (model(inputs) - inputs[:, :2]).pow(2).mean()
+            return list(torch.autograd.grad(loss, list(model.parameters())))
+
+        while collaborative.epoch < 4:
+            collaborative.coded_step(shard_gradients)
+        return collaborative.epoch
+
+    try:
+        assert run_in_threads(train, 3) == [4, 4, 4]
+        final = [torch.cat([p.detach().flatten() for p in model.parameters()]) for model, _ in peers]
+        for other in final[1:]:
+            assert torch.allclose(other, final[0], rtol=1e-5, atol=1e-6)
+    finally:
+        for _, collaborative in peers:
+            collaborative.close()
