@@ -1,10 +1,16 @@
 """Many users at once: aggregate tokens/s of 4 clients generating together through 3 peers,
 next to one client alone. Each client is its own process (as users are); the peers batch
 the steps of concurrent sessions. Two swarms in one run: peers that batch only the steps that
-happen to be waiting (`--batch-wait 0`, as before), then peers with the default wait for the
-next steps of other generating sessions due soon.
+happen to be waiting (`--batch-wait 0`), then peers with the default wait for the next steps of
+other generating sessions due soon. Runs of 1 and of 4 clients alternate (`--repeats`, 3 each
+by default) and the medians are printed: on a shared 2-core machine single runs move by 20%.
 
-Run: .venv/bin/python bench/concurrency.py   (about 3 minutes here)
+First, in this process, what batching costs on a peer: a generation step through 10 blocks of
+the embedded model (one torch thread, 100 positions cached per session) for 1 session and for 4
+sessions batched, with the weights as torch keeps them (column-major, MKL) and packed by oneDNN
+(protocol.packed_linear, what peers use).
+
+Run: .venv/bin/python bench/concurrency.py   (about 4 minutes here)
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "30000")  # as the swarm CLI sets it (se
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -48,6 +55,45 @@ def client(initial_peers: list[str], prompt: str, new_tokens: int) -> None:
         del torch
 
 
+def step_costs(repeats: int = 30) -> list[str]:
+    """Rows: ms per step through blocks 0:10 for 1 and 4 sessions, per weight layout."""
+    import torch
+
+    from peers.blocks import BlockSpan
+    from protocol.weights import open_model
+
+    torch.set_num_threads(1)  # as a peer runs its batches (see --busy-threads)
+    store = open_model(EMBEDDED_MODEL)
+    rows = []
+    for label, packed in (("dense, column-major (MKL)", False), ("packed (oneDNN)", True)):
+        blocks = BlockSpan(store, 0, 10, packed=packed)
+        caches = [blocks.new_cache(0, 10, 1, 512) for _ in range(4)]
+        for cache in caches:
+            blocks(torch.randn(1, 100, blocks.hidden_size), 0, 10, 0, cache)
+        token = torch.randn(1, 1, blocks.hidden_size)
+
+        def one() -> None:
+            blocks(token, 0, 10, caches[0].length - 1, caches[0])
+
+        def four() -> None:
+            blocks.forward_many([(token, cache.length - 1, cache) for cache in caches], 0, 10)
+
+        single, batched = (_milliseconds(step, repeats) for step in (one, four))
+        rows.append(f"| {label} | {single:.1f} | {batched:.1f} | {batched / single:.2f} |")
+    return rows
+
+
+def _milliseconds(function, repeats: int) -> float:
+    for _ in range(3):
+        function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)
+
+
 def run_clients(initial_peers: list[str], count: int, new_tokens: int) -> float:
     command = [sys.executable, __file__, "--client", "--tokens", str(new_tokens), "--initial-peers", *initial_peers]
     environment = {**os.environ, **CLIENT_ENVIRONMENT}
@@ -72,22 +118,27 @@ def main() -> None:
     parser.add_argument("--prompt", default=PROMPTS[0])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--initial-peers", nargs="*", default=[])
+    parser.add_argument("--repeats", type=int, default=3)
     arguments = parser.parse_args()
     if arguments.client:
         client(arguments.initial_peers, arguments.prompt, arguments.tokens)
         return
+    print("| a step through 10 blocks, weights | 1 session, ms | 4 sessions batched, ms | ratio |")
+    print("|---|---|---|---|")
+    print("\n".join(step_costs()), flush=True)
     rows = []
     for label, extra in (("steps batched only when already waiting (--batch-wait 0)", ["--batch-wait", "0"]),
                          ("waiting for other sessions' steps due soon (default)", [])):
-        single, together = measure(extra, arguments.tokens)
+        single, together = measure(extra, arguments.tokens, arguments.repeats)
         rows.append(f"| {label} | {single:.1f} | {together:.1f} | {together / single:.2f} |")
-    print(f"| peers, 3 of 10 blocks each ({arguments.tokens} greedy tokens per client) | 1 client, tokens/s | "
-          f"4 clients at once, aggregate tokens/s | ratio |")
+    print()
+    print(f"| peers, 3 of 10 blocks each ({arguments.tokens} greedy tokens per client, median of "
+          f"{arguments.repeats}) | 1 client, tokens/s | 4 clients at once, aggregate tokens/s | ratio |")
     print("|---|---|---|---|")
     print("\n".join(rows))
 
 
-def measure(extra: list[str], new_tokens: int) -> tuple[float, float]:
+def measure(extra: list[str], new_tokens: int, repeats: int) -> tuple[float, float]:
     with LocalSwarm(EMBEDDED_MODEL) as local:
         local.start_bootstrap()
         for span in ("0:10", "10:20", "20:30"):
@@ -101,7 +152,11 @@ def measure(extra: list[str], new_tokens: int) -> tuple[float, float]:
         local.wait_until_online(view)
         view.close()
         probe.shutdown()
-        return run_clients(local.initial_peers, 1, new_tokens), run_clients(local.initial_peers, 4, new_tokens)
+        singles, together = [], []
+        for _ in range(repeats):  # alternating, so that a slow spell of the machine hits both
+            singles.append(run_clients(local.initial_peers, 1, new_tokens))
+            together.append(run_clients(local.initial_peers, 4, new_tokens))
+        return statistics.median(singles), statistics.median(together)
 
 
 if __name__ == "__main__":

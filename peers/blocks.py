@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from protocol.families import family_classes, family_module
+from protocol.packed_linear import pack_linears
 from protocol.weights import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -66,20 +67,29 @@ class AttentionCache:
         return self.keys[index, :, :, :end], self.values[index, :, :, :end]
 
 
-def _transpose_storage(layer: nn.Module) -> None:
-    """Store every projection's weight [out, in] column-major: `linear` multiplies by its
-    transpose, which is then contiguous, and a generation step (one row of inputs) through
-    10 blocks of the embedded model takes 7.0 instead of 9.5 ms on this machine's CPU. Same
-    values and shapes; sums may round differently in the last bits."""
-    for module in layer.modules():
-        if isinstance(module, nn.Linear):
-            module.weight = nn.Parameter(module.weight.detach().t().contiguous().t(), requires_grad=False)
+def _fast_weights(layer: nn.Module, packed: bool = True) -> None:
+    """Weights laid out for products with a few rows of inputs (generation steps): packed by
+    oneDNN where torch has it (a batch of sessions then costs about one session's weight reads,
+    see protocol.packed_linear), otherwise stored column-major, so that `linear` multiplies by a
+    contiguous transpose (one row through 10 blocks of the embedded model: 7.0 instead of 9.5 ms
+    on the machine that measured it). Same values and shapes; sums may round differently in the
+    last bits."""
+    if not (packed and pack_linears(layer)):
+        for module in layer.modules():
+            if isinstance(module, nn.Linear):
+                module.weight = nn.Parameter(module.weight.detach().t().contiguous().t(), requires_grad=False)
+    # The loaded tensors are views of their block file's memory map; one left in place (a norm's
+    # weight) would keep the whole file resident beside the copies made above (a peer's memory
+    # was twice its weights). Own copies let the mapping go.
+    for parameter in layer.parameters():
+        parameter.data = parameter.data.clone()
 
 
 class BlockSpan(nn.Module):
     """Blocks [start, end) of a model, with the rotary embedding they share."""
 
-    def __init__(self, store: ModelStore, start: int, end: int):
+    def __init__(self, store: ModelStore, start: int, end: int, packed: bool = True):
+        """`packed=False` keeps torch's dense weights (column-major) even where oneDNN could pack them."""
         super().__init__()
         if not 0 <= start < end <= store.num_blocks:
             raise ValueError(f"blocks {start}:{end} are out of range: the model has blocks 0..{store.num_blocks - 1}"
@@ -92,7 +102,7 @@ class BlockSpan(nn.Module):
             with torch.device("meta"):  # no throwaway random init: the real weights are assigned below
                 layer = layer_class(self.config, layer_idx=index)
             layer.load_state_dict(store.block_state(index), strict=True, assign=True)
-            _transpose_storage(layer)
+            _fast_weights(layer, packed)
             layers.append(layer.eval())
         self.layers = nn.ModuleList(layers)
         self.rotary = rotary_class(config=self.config)
