@@ -56,10 +56,12 @@ def client(initial_peers: list[str], prompt: str, new_tokens: int) -> None:
 
 
 def step_costs(repeats: int = 30) -> list[str]:
-    """Rows: ms per step through blocks 0:10 for 1 and 4 sessions, per weight layout."""
+    """Rows: ms per step through blocks 0:10 for 1 and 4 sessions, and for the blocks' linear
+    products alone with 1 and 4 rows of inputs, per weight layout."""
     import torch
 
     from peers.blocks import BlockSpan
+    from protocol.packed_linear import PackedLinear
     from protocol.weights import open_model
 
     torch.set_num_threads(1)  # as a peer runs its batches (see --busy-threads)
@@ -78,8 +80,18 @@ def step_costs(repeats: int = 30) -> list[str]:
         def four() -> None:
             blocks.forward_many([(token, cache.length - 1, cache) for cache in caches], 0, 10)
 
-        single, batched = (_milliseconds(step, repeats) for step in (one, four))
-        rows.append(f"| {label} | {single:.1f} | {batched:.1f} | {batched / single:.2f} |")
+        linears = [module for module in blocks.modules() if isinstance(module, (torch.nn.Linear, PackedLinear))]
+        rows_of = {count: {layer.in_features: torch.randn(count, layer.in_features) for layer in linears}
+                   for count in (1, 4)}
+
+        def products(count: int):
+            return lambda: [layer(rows_of[count][layer.in_features]) for layer in linears]
+
+        with torch.inference_mode():
+            single, batched, products_one, products_four = (
+                _milliseconds(function, repeats) for function in (one, four, products(1), products(4)))
+        rows.append(f"| {label} | {single:.1f} | {batched:.1f} | {batched / single:.2f} | {products_one:.1f} | "
+                    f"{products_four:.1f} | {products_four / products_one:.2f} |")
     return rows
 
 
@@ -123,8 +135,9 @@ def main() -> None:
     if arguments.client:
         client(arguments.initial_peers, arguments.prompt, arguments.tokens)
         return
-    print("| a step through 10 blocks, weights | 1 session, ms | 4 sessions batched, ms | ratio |")
-    print("|---|---|---|---|")
+    print("| through 10 blocks, weights | a step: 1 session, ms | 4 sessions batched, ms | ratio | "
+          "the products alone: 1 row, ms | 4 rows, ms | ratio |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(step_costs()), flush=True)
     rows = []
     for label, extra in (("steps batched only when already waiting (--batch-wait 0)", ["--batch-wait", "0"]),

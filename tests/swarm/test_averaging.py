@@ -34,6 +34,12 @@ def run_in_threads(function, count):
     return results
 
 
+def assert_equal_parameters(models):
+    final = [torch.cat([p.detach().flatten() for p in model.parameters()]) for model in models]
+    for other in final[1:]:
+        assert torch.allclose(other, final[0], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("rule, expected", [("mean", 250000.75), ("median", 1.0)])
 def test_a_group_applies_the_runs_rule_to_every_part(initial_peers, rule, expected):
     """Three honest peers hold 1.0, one sends 1e6: the mean moves (hivemind's figure, 250000.75),
@@ -104,9 +110,7 @@ def test_replicas_hold_equal_parameters_after_every_round_and_a_late_joiner_catc
         fingerprints.append({})
         rounds.append(0)
         assert run_in_threads(lambda index: train(index, until=11), 4) == [11, 11, 11, 11]
-        final = [torch.cat([p.detach().flatten() for p in model.parameters()]) for model, _ in peers]
-        for other in final[1:]:
-            assert torch.allclose(other, final[0], rtol=1e-5, atol=1e-6)
+        assert_equal_parameters([model for model, _ in peers])
     finally:
         for _, collaborative in peers:
             collaborative.close()
@@ -181,9 +185,7 @@ def test_coded_replicas_that_start_apart_are_repaired(initial_peers):
 
     try:
         assert run_in_threads(train, 3) == [4, 4, 4]
-        final = [torch.cat([p.detach().flatten() for p in model.parameters()]) for model, _ in peers]
-        for other in final[1:]:
-            assert torch.allclose(other, final[0], rtol=1e-5, atol=1e-6)
+        assert_equal_parameters([model for model, _ in peers])
     finally:
         for _, collaborative in peers:
             collaborative.close()
