@@ -169,39 +169,45 @@ class BlockSpan(nn.Module):
     @torch.inference_mode()
     def forward_many(self, steps: list[tuple[torch.Tensor, int, AttentionCache]], start: int, end: int
                      ) -> list[torch.Tensor]:
-        """Steps of several sessions through blocks start:end as one batch.
+        """Steps of one or several sessions through blocks start:end as one batch.
 
-        Token-wise work (norms, projections, MLP) runs once over the tokens of all sessions, so
-        the weights are read from memory once instead of once per session; attention runs per
-        session over its own cache and positions. Same layers, same numbers up to float rounding.
+        Token-wise work (norms, projections, MLP, the rotary embedding) runs once over the tokens
+        of all sessions, so the weights are read from memory once instead of once per session;
+        attention runs per session over its own cache and positions. Same layers, same numbers up
+        to float rounding.
         """
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         shapes = [hidden.shape for hidden, _, _ in steps]
         hidden_states = torch.cat([hidden.reshape(1, -1, hidden.shape[-1]) for hidden, _, _ in steps], dim=1)
-        rotations, masks = [], []
+        # every token's position, in the order of hidden_states: the rotary embedding then turns the
+        # queries and keys of all sessions at once (as many ops for 4 sessions as for one)
+        all_positions, masks = [], []
         for (hidden, position, cache), (batch_size, new_tokens, _) in zip(steps, shapes):
             cache.begin_step(position, new_tokens)
-            positions = torch.arange(position, position + new_tokens).unsqueeze(0).expand(batch_size, -1)
-            rotations.append(self.rotary(hidden, positions))
+            positions = torch.arange(position, position + new_tokens)
+            all_positions.append(positions.repeat(batch_size))
             mask = None
             if new_tokens > 1 and position > 0:
                 past = torch.arange(position + new_tokens).unsqueeze(0)
-                mask = (past <= positions[:1].unsqueeze(-1)).unsqueeze(0)
+                mask = (past <= positions.unsqueeze(-1)).unsqueeze(0).unsqueeze(0)  # [1, 1, new, total]
             masks.append(mask)
+        cos, sin = self.rotary(hidden_states, torch.cat(all_positions).unsqueeze(0))
+        total = hidden_states.shape[1]
         for layer in self.layers[start - self.start : end - self.start]:
             attention = layer.self_attn
             residual = hidden_states
             normed = layer.input_layernorm(hidden_states)
-            queries, keys, values = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
+            queries, keys, values = (projection(normed).view(1, total, -1, self.head_dim).transpose(1, 2)
+                                     for projection in (attention.q_proj, attention.k_proj, attention.v_proj))
+            queries, keys = self.apply_rotary(queries, keys, cos, sin)  # [1, heads, total, head_dim]
             outputs, offset = [], 0
-            for (_, _, cache), (batch_size, new_tokens, _), (cos, sin), mask in zip(steps, shapes, rotations, masks):
+            for (_, _, cache), (batch_size, new_tokens, _), mask in zip(steps, shapes, masks):
                 count = batch_size * new_tokens
-                view = lambda tensor: tensor[:, offset : offset + count].reshape(  # noqa: E731
-                    batch_size, new_tokens, -1, self.head_dim).transpose(1, 2)
-                query, key = self.apply_rotary(view(queries), view(keys), cos, sin)
-                key, value = cache.update(key, view(values), attention.layer_idx)
-                output, _ = sdpa_attention_forward(attention, query, key, value, mask, dropout=0.0,
+                view = lambda tensor: tensor[0, :, offset : offset + count].reshape(  # noqa: E731
+                    -1, batch_size, new_tokens, self.head_dim).transpose(0, 1)  # [batch, heads, new, head_dim]
+                key, value = cache.update(view(keys), view(values), attention.layer_idx)
+                output, _ = sdpa_attention_forward(attention, view(queries), key, value, mask, dropout=0.0,
                                                    scaling=attention.scaling)
                 outputs.append(output.reshape(1, count, -1))
                 offset += count

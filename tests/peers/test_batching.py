@@ -13,10 +13,6 @@ class RecordingBlocks:
     def __init__(self):
         self.batches: list[int] = []  # sessions per computation, in order
 
-    def __call__(self, hidden_states, start, end, position, cache):
-        self.batches.append(1)
-        return hidden_states + 1
-
     def forward_many(self, steps, start, end):
         self.batches.append(len(steps))
         return [hidden_states + 1 for hidden_states, _, _ in steps]

@@ -78,17 +78,20 @@ def test_sessions_batched_together_equal_each_alone(tiny):
     blocks = BlockSpan(store, 0, 4)
     prompts = [reference.model.embed_tokens(torch.randint(3, 300, (batch, length))).detach()
                for batch, length in ((1, 5), (2, 3), (1, 7))]
-    alone, together = [], []
-    for prompt in prompts:
+    alone = []
+    for prompt in prompts:  # prefill, one token, then 3 tokens at once after a cached prefix (masked)
         cache = blocks.new_cache(0, 4, prompt.shape[0], 16)
-        alone.append((blocks(prompt, 0, 4, 0, cache), blocks(prompt[:, -1:], 0, 4, prompt.shape[1], cache)))
+        alone.append((blocks(prompt, 0, 4, 0, cache), blocks(prompt[:, -1:], 0, 4, prompt.shape[1], cache),
+                      blocks(prompt[:, :3], 0, 4, prompt.shape[1] + 1, cache)))
     caches = [blocks.new_cache(0, 4, prompt.shape[0], 16) for prompt in prompts]
     prefill = blocks.forward_many([(prompt, 0, cache) for prompt, cache in zip(prompts, caches)], 0, 4)
     decode = blocks.forward_many([(prompt[:, -1:], prompt.shape[1], cache) for prompt, cache in zip(prompts, caches)],
                                  0, 4)
-    for (expected_prefill, expected_step), got_prefill, got_step in zip(alone, prefill, decode):
-        torch.testing.assert_close(got_prefill, expected_prefill, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got_step, expected_step, rtol=1e-5, atol=1e-5)
+    several = blocks.forward_many([(prompt[:, :3], prompt.shape[1] + 1, cache)
+                                   for prompt, cache in zip(prompts, caches)], 0, 4)
+    for expected, *got in zip(alone, prefill, decode, several):
+        for expected_output, got_output in zip(expected, got):
+            torch.testing.assert_close(got_output, expected_output, rtol=1e-5, atol=1e-5)
 
 
 def test_backward_gives_the_input_gradient_of_the_layers(tiny):
