@@ -34,9 +34,10 @@ class DistributedModelForCausalLM(nn.Module):
         self.store, self.client, self._owns_client = store, client, owns_client
         self.config = store.config()
         state = store.client_state()
-        # The head's weight is stored column-major: the product with one hidden state (a generated
-        # token) then reads it contiguously, 3.9 instead of 6.7 ms for the embedded model's 49152 x
-        # 576 head here. Tied embeddings share that layout; a lookup of a few rows hardly notices.
+        # The head's weight is stored column-major: where generation cannot use the packed copy
+        # (no oneDNN; see logits_from_hidden) the product with one hidden state then reads it
+        # contiguously, 3.9 instead of 6.7 ms for the embedded model's 49152 x 576 head on the machine
+        # that measured it. Tied embeddings share that layout; a lookup of a few rows hardly notices.
         head = "lm_head.weight" if "lm_head.weight" in state else "model.embed_tokens.weight"
         state[head] = state[head].t().contiguous().t()
         # padding_idx as in transformers: that row gets no gradient from the lookup
