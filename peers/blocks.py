@@ -74,15 +74,18 @@ def _fast_weights(layer: nn.Module, packed: bool = True) -> None:
     contiguous transpose (one row through 10 blocks of the embedded model: 7.0 instead of 9.5 ms
     on the machine that measured it). Same values and shapes; sums may round differently in the
     last bits."""
+    copied = set()
     if not (packed and pack_linears(layer)):
         for module in layer.modules():
             if isinstance(module, nn.Linear):
                 module.weight = nn.Parameter(module.weight.detach().t().contiguous().t(), requires_grad=False)
+                copied.add(id(module.weight))
     # The loaded tensors are views of their block file's memory map; one left in place (a norm's
     # weight) would keep the whole file resident beside the copies made above (a peer's memory
-    # was twice its weights). Own copies let the mapping go.
+    # was twice its weights). Own copies of the rest let the mapping go.
     for parameter in layer.parameters():
-        parameter.data = parameter.data.clone()
+        if id(parameter) not in copied:
+            parameter.data = parameter.data.clone()
 
 
 class BlockSpan(nn.Module):
