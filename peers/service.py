@@ -2,6 +2,8 @@
 
 Each inference session is one bidirectional stream: an `OpenSession` message, then `Step`s,
 each answered by a `StepResult`. The session's attention cache lives as long as the stream.
+Steps may also come from the peer before this one on the client's route, pushed over
+PUSH_RPC into the session (see peers.push); their results still go to the client.
 Every refusal or failure is answered with an `ErrorReply` naming the cause; the peer goes on
 serving everyone else.
 """
@@ -23,10 +25,11 @@ from hivemind.proto import runtime_pb2
 
 from peers.batching import StepBatcher
 from peers.blocks import AttentionCache, BlockSpan
+from peers.push import Pusher
 from protocol import PROTOCOL_VERSION
-from protocol.messages import (BACKWARD_RPC, FORWARD_RPC, INFERENCE_RPC, PROBE_RPC, Backward, BackwardResult,
-                               ErrorReply, Forward, ForwardResult, FrameJoiner, Message, OpenSession, Probe, ProbeResult,
-                               ProtocolError, SessionOpened, Step, StepResult, to_frames)
+from protocol.messages import (BACKWARD_RPC, FORWARD_RPC, INFERENCE_RPC, PROBE_RPC, PUSH_RPC, PUSH_SENT, Backward,
+                               BackwardResult, ErrorReply, Forward, ForwardResult, FrameJoiner, Message, OpenSession,
+                               Probe, ProbeResult, ProtocolError, SessionOpened, Step, StepResult, to_frames)
 from protocol.records import ModelIdentity
 
 logger = logging.getLogger(__name__)
@@ -51,7 +54,8 @@ class BlockService:
     def __init__(self, identity: ModelIdentity, blocks: BlockSpan, limits: ServingLimits, compute: ThreadPoolExecutor):
         self.identity, self.blocks, self.limits = identity, blocks, limits
         self.compute = compute  # the peer's single torch thread (see peers.server.Peer)
-        self.sessions: dict[str, AttentionCache] = {}
+        self.sessions: dict[str, _Session] = {}
+        self.p2p = None  # set by register: pushes to the next hop go out through it
         self.cache_bytes_used = 0
         self.batcher = StepBatcher(blocks, compute, after_compute=self._delay, busy_threads=limits.busy_threads,
                                     gather_window=limits.batch_wait)
@@ -74,11 +78,14 @@ class BlockService:
         return max(0, (self.limits.cache_bytes - self.cache_bytes_used) // per_token)
 
     async def register(self, p2p) -> None:
+        self.p2p = p2p
         await p2p.add_protobuf_handler(INFERENCE_RPC, self.rpc_inference, runtime_pb2.ExpertRequest,
                                        stream_input=True, stream_output=True)
         await p2p.add_protobuf_handler(FORWARD_RPC, self.rpc_forward, runtime_pb2.ExpertRequest,
                                        stream_input=True, stream_output=True)
         await p2p.add_protobuf_handler(BACKWARD_RPC, self.rpc_backward, runtime_pb2.ExpertRequest,
+                                       stream_input=True, stream_output=True)
+        await p2p.add_protobuf_handler(PUSH_RPC, self.rpc_push, runtime_pb2.ExpertRequest,
                                        stream_input=True, stream_output=True)
         await p2p.add_protobuf_handler(PROBE_RPC, self.rpc_probe, runtime_pb2.ExpertRequest,
                                        stream_input=True, stream_output=True)
@@ -127,58 +134,102 @@ class BlockService:
 
     async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                             context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        session_id = None
+        session_id, reader = None, None
         try:
             messages = _messages(requests, self.limits.max_message_bytes)
             opening = await anext(messages, None)
             if not isinstance(opening, OpenSession):
                 raise ProtocolError("an inference stream must start with an open message")
             self._check_span(opening.model, opening.fingerprint, opening.start, opening.end, opening.protocol_version)
-            cache = await self._open_cache(opening)
+            session = _Session(await self._open_cache(opening), Pusher(self.p2p))
             blocks = self.blocks
-            session_id = secrets.token_hex(8)
-            self.sessions[session_id] = cache
+            session_id = secrets.token_hex(16)  # also what lets another peer push steps into it: unguessable
+            self.sessions[session_id] = session
             logger.info(f"session {session_id} opened by {context.remote_id}: blocks {opening.start}:{opening.end}, "
                         f"max_length {opening.max_length} ({len(self.sessions)} open)")
+            # the client's steps and those other peers push in, in one queue
+            reader = asyncio.create_task(_read_client(messages, requests, session.inbox))
             for frame in _response_frames(SessionOpened(session_id=session_id, max_length=opening.max_length)):
                 yield frame
             while True:
                 try:
-                    step = await asyncio.wait_for(anext(messages, None), self.limits.session_idle_timeout)
+                    step = await asyncio.wait_for(session.inbox.get(), self.limits.session_idle_timeout)
                 except asyncio.TimeoutError:
                     raise ProtocolError(f"session idle for {self.limits.session_idle_timeout:.0f} s: "
                                         f"closed to free its cache") from None
                 if step is None:
                     break
-                if not isinstance(step, Step):
+                if isinstance(step, Exception):
+                    raise step
+                if isinstance(step, _Pushed):
+                    if step.step.step_id <= session.last_step_id:  # the client sent this one itself meanwhile
+                        continue
+                    step = step.step
+                elif not isinstance(step, Step):
                     raise ProtocolError(f"expected a step message, got {step.type_name}")
+                elif step.session_id is not None:
+                    raise ProtocolError("a client's step names no session (session_id is for pushes between peers)")
                 if self.blocks is not blocks:
                     raise ProtocolError(f"this peer moved to blocks {self.blocks.start}:{self.blocks.end}; "
                                         f"continue elsewhere", retryable=True)
                 self._check_hidden(step.hidden_states, opening.batch_size)
+                cache = session.cache
                 if step.position > cache.length or step.position + step.hidden_states.shape[1] > cache.max_length:
                     raise ProtocolError(f"step at position {step.position} with {step.hidden_states.shape[1]} tokens "
                                         f"does not fit: the session holds {cache.length} of max {cache.max_length}")
-                output = await self.batcher.submit(step.hidden_states, opening.start, opening.end, step.position,
-                                                   cache)
-                for frame in _response_frames(StepResult(step_id=step.step_id, hidden_states=self._answer(output))):
+                session.last_step_id = max(session.last_step_id, step.step_id)
+                output = self._answer(await self.batcher.submit(step.hidden_states, opening.start, opening.end,
+                                                                step.position, cache))
+                push_status = None
+                if step.push_to:
+                    failure = await session.pusher.push(
+                        Step(step_id=step.step_id, position=step.position, hidden_states=output), step.push_to)
+                    push_status = PUSH_SENT if failure is None else failure
+                    if failure is not None:
+                        logger.warning(f"session {session_id}: push failed: {failure}")
+                for frame in _response_frames(StepResult(step_id=step.step_id, hidden_states=output,
+                                                         push_status=push_status)):
                     yield frame
         except ProtocolError as error:
             logger.warning(f"refused a request from {context.remote_id}: {error}")
             for frame in _response_frames(ErrorReply(message=str(error), retryable=error.retryable)):
                 yield frame
-            await _linger(requests)
+            if reader is None:
+                await _linger(requests)
+            else:  # the reader goes on reading (and dropping) what the client still sends, as _linger does
+                await _finish(reader)
         except Exception as error:
             logger.exception(f"inference failed for {context.remote_id}")
             for frame in _response_frames(ErrorReply(message=f"peer failed: {type(error).__name__}: {error}",
                                                      retryable=True)):
                 yield frame
         finally:
+            if reader is not None:
+                reader.cancel()
             if session_id is not None:
-                cache = self.sessions.pop(session_id)
-                self.batcher.forget(cache)
-                self.cache_bytes_used -= cache.nbytes
+                session = self.sessions.pop(session_id)
+                session.pusher.close()
+                self.batcher.forget(session.cache)
+                self.cache_bytes_used -= session.cache.nbytes
                 logger.info(f"session {session_id} closed ({len(self.sessions)} open)")
+
+    async def rpc_push(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                       context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Steps another peer pushes into sessions of this one (see peers.push). Nothing is
+        answered but refusals: the result of a pushed step goes to the session's client."""
+        try:
+            async for step in _messages(requests, self.limits.max_message_bytes):
+                if not isinstance(step, Step) or step.session_id is None:
+                    raise ProtocolError("a push stream carries steps that name a session")
+                session = self.sessions.get(step.session_id)
+                if session is None:  # closed meanwhile; its client learns it from its own stream
+                    logger.debug(f"{context.remote_id} pushed a step into an unknown session")
+                    continue
+                session.inbox.put_nowait(_Pushed(step))
+        except ProtocolError as error:
+            logger.warning(f"refused a push from {context.remote_id}: {error}")
+            for frame in _response_frames(ErrorReply(message=str(error))):
+                yield frame
 
     async def _open_cache(self, opening: OpenSession) -> AttentionCache:
         if self.draining:
@@ -254,6 +305,45 @@ class BlockService:
             logger.exception(f"{kind.type_name} failed for {context.remote_id}")
             reply = ErrorReply(message=f"peer failed: {type(error).__name__}: {error}", retryable=True)
         return _response_frames(reply)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pushed:
+    """A step another peer pushed. The client may also have sent the same step itself (when the
+    push seemed to fail), so one whose id the session has passed is dropped."""
+
+    step: Step
+
+
+@dataclasses.dataclass(eq=False)
+class _Session:
+    cache: AttentionCache
+    pusher: Pusher
+    inbox: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)  # steps; None at the client's end
+    last_step_id: int = -1
+
+
+async def _read_client(messages: AsyncIterator[Message], requests, inbox: asyncio.Queue) -> None:
+    """The client's messages into the session's queue, then None when it closes. Unreadable input
+    goes into the queue as the error, and what the client still sends is read and dropped."""
+    try:
+        async for message in messages:
+            inbox.put_nowait(message)
+        inbox.put_nowait(None)
+    except ProtocolError as error:
+        inbox.put_nowait(error)
+        await _linger(requests)
+    except Exception as error:  # the stream broke: the client is gone
+        logger.debug(f"client stream ended: {type(error).__name__}: {error}")
+        inbox.put_nowait(None)
+
+
+async def _finish(reader: asyncio.Task, seconds: float = 2.0) -> None:
+    try:
+        async with asyncio.timeout(seconds):
+            await reader
+    except BaseException:  # noqa: BLE001 - whatever ends it, the session is over
+        pass
 
 
 async def _linger(requests: AsyncIterator[runtime_pb2.ExpertRequest], seconds: float = 2.0) -> None:

@@ -22,6 +22,9 @@ INFERENCE_RPC = f"swarm.v{PROTOCOL_VERSION}.inference"  # bidirectional stream: 
 FORWARD_RPC = f"swarm.v{PROTOCOL_VERSION}.forward"  # one forward message in, one result out
 BACKWARD_RPC = f"swarm.v{PROTOCOL_VERSION}.backward"  # inputs and output gradients in, input gradients out
 PROBE_RPC = f"swarm.v{PROTOCOL_VERSION}.probe"  # a payload in, its size out: a timed transfer for bandwidth
+PUSH_RPC = f"swarm.v{PROTOCOL_VERSION}.push"  # peer to peer: steps for the next hop's session (no replies)
+
+MAX_PUSH_HOPS = 256  # hops a step may name after the one it is sent to
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -147,24 +150,46 @@ class SessionOpened(Message):
 class Step(Message):
     """New positions of a session: hidden states [batch, new_tokens, hidden] starting at `position`.
 
-    A `position` below what the peer holds rolls its cache back to it (replays and rollbacks)."""
+    A `position` below what the peer holds rolls its cache back to it (replays and rollbacks).
+    `push_to`: the hops after this one, as [peer id, session id] pairs: the peer sends its output
+    straight to the first of them as that session's next step (over PUSH_RPC, naming the
+    session in `session_id`) and hands it the rest, so the client sends a step once per token
+    instead of once per hop."""
 
     type_name: ClassVar[str] = "step"
     tensor_fields: ClassVar[tuple[str, ...]] = ("hidden_states",)
     step_id: int
     position: int
     hidden_states: torch.Tensor
+    push_to: list[list[str]] | None = None
+    session_id: str | None = None  # only on a push stream: the receiving peer's session
 
     def check(self) -> None:
         _require_int(self, "step_id", "position")
+        if self.push_to is not None and not (
+                isinstance(self.push_to, list) and len(self.push_to) <= MAX_PUSH_HOPS
+                and all(isinstance(hop, list) and len(hop) == 2 and all(isinstance(part, str) for part in hop)
+                        for hop in self.push_to)):
+            raise ProtocolError(f"step.push_to must be a list of at most {MAX_PUSH_HOPS} [peer id, session id] "
+                                f"pairs of strings")
+        if self.session_id is not None and not isinstance(self.session_id, str):
+            raise ProtocolError("step.session_id must be a string")
+
+
+PUSH_SENT = "sent"
 
 
 @dataclasses.dataclass(frozen=True)
 class StepResult(Message):
+    """A step's output. `push_status`, when the step named hops to push to: PUSH_SENT once the
+    output went to the next hop, otherwise why it could not (the client then sends it itself);
+    None from a peer that was asked for no push (or does not know how)."""
+
     type_name: ClassVar[str] = "step_result"
     tensor_fields: ClassVar[tuple[str, ...]] = ("hidden_states",)
     step_id: int
     hidden_states: torch.Tensor
+    push_status: str | None = None
 
 
 def _check_prompts(message: Forward | Backward) -> None:

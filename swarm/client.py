@@ -42,6 +42,7 @@ class ClientOptions:
     rtt_refresh: float = 30.0  # seconds before a peer's round trip is measured again
     verify_fraction: float = 0.0  # check each peer's first step, then this share of its steps (swarm.verification)
     verify_tolerance: float = 1e-4  # relative error per position above which two answers disagree
+    push: bool = True  # peers send each step's output on to the next hop themselves (see peers.push)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.verify_fraction <= 1.0:

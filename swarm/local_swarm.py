@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +57,7 @@ class LocalSwarm:
                  environment: dict[str, str] | None = None, start_timeout: float = 180.0):
         self.model, self.cache_dir, self.start_timeout = model, cache_dir, start_timeout
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="swarm-logs-"))
+        self._own_log_dir = log_dir is None  # a temporary folder: removed at a clean stop
         self.environment = environment
         self.bootstrap: LocalProcess | None = None
         self.peers: list[LocalProcess] = []
@@ -142,19 +144,24 @@ class LocalSwarm:
             child.process.stdout.close()
         return child.process.returncode
 
-    def stop(self) -> None:
+    def stop(self, keep_logs: bool = False) -> None:
+        """Stop every process; a temporary log folder goes too, unless `keep_logs`."""
         children = [*self.peers, *([self.bootstrap] if self.bootstrap else [])]
         for child in children:
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
         for child in children:
             self.stop_peer(child)
+        if self._own_log_dir and not keep_logs:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalSwarm:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        self.stop(keep_logs=exc_type is not None)  # after a failure the logs tell what happened
+        if exc_type is not None and self._own_log_dir:
+            print(f"the swarm's logs are kept in {self.log_dir}", file=sys.stderr)
 
 
 class StopPeerAfterTokens:

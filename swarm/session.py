@@ -22,8 +22,8 @@ import torch
 from hivemind.p2p import P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
-from protocol.messages import (INFERENCE_RPC, ErrorReply, FrameJoiner, Message, OpenSession, SessionOpened, Step,
-                               StepResult, to_frames)
+from protocol.messages import (INFERENCE_RPC, PUSH_SENT, ErrorReply, FrameJoiner, Message, OpenSession, SessionOpened,
+                               Step, StepResult, to_frames)
 from protocol.records import ModelIdentity
 from swarm.client import SwarmClient, SwarmView
 from swarm.routing import Hop, MissingBlocksError, find_route
@@ -103,6 +103,7 @@ class _Segment:
 
     hop: Hop
     stream: _PeerStream
+    session_id: str  # the peer's name for this session: where the hop before it pushes its steps
     inputs: list[torch.Tensor] = dataclasses.field(default_factory=list)  # [batch, tokens, hidden] each
     fresh: bool = True  # its peer holds no positions yet: the next step replays the history
     # kept only when verifying:
@@ -147,6 +148,7 @@ class InferenceSession:
         self._step_id = 0
         self.closed = False
         self.failovers: list[tuple[str, str]] = []  # (failed peer, reason), for logs and tests
+        self.pushed_steps = 0  # steps that went through the whole route peer to peer (for tests and benches)
         # when verifying: (liar, position rolled back to, position of the session when it was caught)
         self.rollbacks: list[tuple[str, int, int]] = []
 
@@ -226,7 +228,7 @@ class InferenceSession:
         except BaseException:
             await stream.close()
             raise
-        return _Segment(hop, stream)
+        return _Segment(hop, stream, opened.session_id)
 
     def step(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.closed:
@@ -245,16 +247,44 @@ class InferenceSession:
         if self.verifier is not None:
             for segment in self._segments:
                 segment.due = self.verifier.due(segment.checked)
-        outputs = await self._run_chain(self.position, hidden_states)
+        if (self.client.options.push and len(self._segments) > 1
+                and (self.position == 0 or not any(segment.fresh for segment in self._segments))):  # no replay due
+            outputs = await self._run_pushed(self.position, hidden_states)
+        else:
+            outputs = await self._run_chain(self.position, hidden_states)
         if self.verifier is not None:
             outputs = await self._verify(outputs)
         return outputs[:, -new_tokens:]
 
-    async def _run_chain(self, position: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Positions position.. of the first hop's inputs through every hop; their outputs."""
+    async def _run_pushed(self, position: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The step sent to the first hop only, each peer pushing its output to the next (see
+        peers.push); every hop's output still comes back, for replays. From a hop that fails, or
+        one whose push did not go out, the client carries the step on itself (`_run_chain`)."""
+        count = hidden_states.shape[1]
+        push_to = [[segment.hop.peer_id, segment.session_id] for segment in self._segments[1:]]
+        self._segments[0].stream.send(Step(step_id=self._step_id, position=position, hidden_states=hidden_states,
+                                           push_to=push_to))
+        carried = hidden_states
+        for index, segment in enumerate(self._segments):
+            try:
+                reply = await self._receive_result(segment, carried)
+            except PeerError as error:
+                await self._replace(index, error)
+                return await self._run_chain(position, carried, start=index)
+            self._record(segment, position, carried, reply)
+            carried = reply.hidden_states
+            if index + 1 < len(self._segments) and reply.push_status != PUSH_SENT:
+                logger.warning(f"peer {segment.hop.peer_id} did not push to the next hop "
+                               f"({reply.push_status or 'it does not push'}); sending it from here")
+                return await self._run_chain(position, carried, start=index + 1)
+        self.pushed_steps += 1
+        return carried[:, -count:]
+
+    async def _run_chain(self, position: int, hidden_states: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Positions position.. of hop `start`'s inputs through it and every later hop; their outputs."""
         count = hidden_states.shape[1]
         carried = hidden_states  # the new positions, or every position after a replayed hop
-        index = 0
+        index = start
         while index < len(self._segments):
             segment = self._segments[index]
             try:
@@ -273,15 +303,28 @@ class InferenceSession:
         else:
             at, inputs = position, carried[:, -count:]  # below the peer's cache length: it rewrites from there
         segment.stream.send(Step(step_id=self._step_id, position=at, hidden_states=inputs))
-        reply = await segment.stream.receive(self.client.step_timeout(inputs))
-        if not isinstance(reply, StepResult) or reply.step_id != self._step_id:
-            raise PeerError(segment.hop.peer_id, f"answered {reply.type_name} out of turn")
+        reply = await self._receive_result(segment, inputs)
+        self._record(segment, at, inputs, reply)
+        return reply.hidden_states
+
+    async def _receive_result(self, segment: _Segment, inputs: torch.Tensor) -> StepResult:
+        """This step's result from the segment's peer. Results of earlier steps are skipped: a
+        peer whose push seemed to fail may have computed that step twice."""
+        while True:
+            reply = await segment.stream.receive(self.client.step_timeout(inputs))
+            if isinstance(reply, StepResult) and reply.step_id < self._step_id:
+                continue
+            if not isinstance(reply, StepResult) or reply.step_id != self._step_id:
+                raise PeerError(segment.hop.peer_id, f"answered {reply.type_name} out of turn")
+            return reply
+
+    def _record(self, segment: _Segment, at: int, inputs: torch.Tensor, reply: StepResult) -> None:
+        """The segment got `inputs` from position `at` and answered `reply`: its history for replays."""
         segment.inputs = [*_cut(segment.inputs, at), inputs]
         if self.verifier is not None:
             segment.outputs = [*_cut(segment.outputs, at), reply.hidden_states]
             segment.verified = min(segment.verified, at)
         segment.fresh = False
-        return reply.hidden_states
 
     async def _verify(self, outputs: torch.Tensor) -> torch.Tensor:
         """Check the due hops; while one lied, replace it, roll back and run the chain again

@@ -104,7 +104,7 @@ class RunningSwarm:
                                                                      cache_dir=cache_dir)
             self.local.wait_until_online(self.model.view)
         except BaseException:
-            self.local.stop()
+            self.local.stop(keep_logs=True)  # the error names them
             raise
 
     @property

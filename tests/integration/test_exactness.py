@@ -4,6 +4,8 @@ Real `swarm dht` and `swarm peer` processes over hivemind's DHT and libp2p on 12
 serving the embedded SmolLM2-135M in 1, 2 and 3 spans.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -55,3 +57,30 @@ def test_session_route_covers_all_blocks(swarm):
     assert route[0][1] == 0 and route[-1][2] == 30
     assert all(previous[2] == following[1] for previous, following in zip(route, route[1:]))
     assert len(route) == len(swarm.local.peers)
+
+
+def test_steps_go_from_peer_to_peer(swarm, reference, local_greedy):
+    """Each peer pushes its output to the next hop: the client sends one step per token."""
+    _, tokenizer = reference
+    ids = chat_ids(tokenizer, PROMPTS[0])
+    with swarm.model.inference_session(max_length=64) as session:
+        output = swarm.model.generate(ids, max_new_tokens=16, session=session)
+        hops = len(session.route)
+    assert output.tolist() == local_greedy[0][:, : ids.shape[1] + 16].tolist()
+    steps = output.shape[1] - ids.shape[1]  # the prompt, then each new token but the last
+    assert session.pushed_steps == (steps if hops > 1 else 0)  # one peer: nothing to push
+    assert not session.failovers
+
+
+def test_a_push_that_cannot_go_out_is_sent_by_the_client(swarm, reference, local_greedy):
+    """A peer that cannot reach the next hop says so in its answer, and the client sends that hop
+    the step itself: same tokens, no failover, no wait."""
+    _, tokenizer = reference
+    ids = chat_ids(tokenizer, PROMPTS[1])
+    with swarm.model.inference_session(max_length=64) as session:
+        if len(session.route) > 1:  # the second hop's stream stays open; only pushes name a peer id nobody has
+            second = session._segments[1]
+            second.hop = dataclasses.replace(second.hop, peer_id="NotAPeerId")
+        output = swarm.model.generate(ids, max_new_tokens=8, session=session)
+    assert output.tolist() == local_greedy[1][:, : ids.shape[1] + 8].tolist()
+    assert session.pushed_steps == 0 and not session.failovers

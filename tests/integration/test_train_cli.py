@@ -35,7 +35,8 @@ def test_peer_killed_mid_round_and_a_late_joiner(tmp_path):
         late = local.start_trainer("digits", "kill")
         results = [local.trainer_result(trainer) for trainer in [*steady, late]]
         late_log = late.log_path.read_text()
-    assert "dying in the middle of averaging round 5" in doomed.log_path.read_text()
+        doomed_log = doomed.log_path.read_text()
+    assert "dying in the middle of averaging round 5" in doomed_log
     for result in results:
         assert result["steps"] == 50  # the run's settings, adopted by the late joiner from the DHT
         assert result["accuracy"] >= 0.90, result["accuracy"]
