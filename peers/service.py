@@ -43,6 +43,7 @@ class ServingLimits:
     max_message_bytes: int = 64 * 1024**2  # one joined request
     session_idle_timeout: float = 300.0  # a session whose client sends nothing for this long is freed
     compute_delay: float = 0.0  # test flag: seconds added to every computation, to play a slow peer
+    link_delay: float = 0.0  # bench flag: seconds before a session's step is read and its answer sent (a far peer)
     corrupt_outputs: float = 0.0  # test flag: noise this size (x each position's RMS) on outputs, to play a liar
     corrupt_after: int = 0  # test flag: with corrupt_outputs, this many outputs are honest first
     busy_threads: int | None = dataclasses.field(  # torch threads while several sessions generate
@@ -161,6 +162,8 @@ class BlockService:
                     break
                 if isinstance(step, Exception):
                     raise step
+                if self.limits.link_delay:  # as if the step had crossed a network
+                    await asyncio.sleep(self.limits.link_delay)
                 if isinstance(step, _Pushed):
                     if step.step.step_id <= session.last_step_id:  # the client sent this one itself meanwhile
                         continue
@@ -187,6 +190,8 @@ class BlockService:
                     push_status = PUSH_SENT if failure is None else failure
                     if failure is not None:
                         logger.warning(f"session {session_id}: push failed: {failure}")
+                if self.limits.link_delay:  # as if the answer had to cross a network to the client
+                    await asyncio.sleep(self.limits.link_delay)
                 for frame in _response_frames(StepResult(step_id=step.step_id, hidden_states=output,
                                                          push_status=push_status)):
                     yield frame

@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds a step may wait for other generating sessions' steps to run them as one batch "
                            "(default: twice the time one step takes on this peer; 0: never wait)")
     peer.add_argument("--compute-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow peer
+    peer.add_argument("--link-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # benches: a distant peer
     # tests: a lying peer: noise of this size (relative to each position's RMS) on every output after the first N
     peer.add_argument("--corrupt-outputs", type=float, default=0.0, help=argparse.SUPPRESS)
     peer.add_argument("--corrupt-after", type=int, default=0, help=argparse.SUPPRESS)
@@ -178,6 +179,7 @@ def _peer(arguments: argparse.Namespace) -> int:
         limits=ServingLimits(max_sessions=arguments.max_sessions, max_session_length=arguments.max_session_length,
                              cache_bytes=arguments.attention_cache_mib * 1024**2,
                              session_idle_timeout=arguments.session_timeout, compute_delay=arguments.compute_delay,
+                             link_delay=arguments.link_delay,
                              corrupt_outputs=arguments.corrupt_outputs, corrupt_after=arguments.corrupt_after,
                              batch_wait=arguments.batch_wait,
                              **({"busy_threads": arguments.busy_threads} if arguments.busy_threads else {})),
