@@ -28,7 +28,7 @@ from peers.blocks import AttentionCache, BlockSpan
 from peers.push import Pusher
 from protocol import PROTOCOL_VERSION
 from protocol.messages import (BACKWARD_RPC, FORWARD_RPC, INFERENCE_RPC, PROBE_RPC, PUSH_RPC, PUSH_SENT, Backward,
-                               BackwardResult, ErrorReply, Forward, ForwardResult, FrameJoiner, Message, OpenSession,
+                               BackwardResult, ErrorReply, Forward, ForwardResult, FrameJoiner, KeepAlive, Message, OpenSession,
                                Probe, ProbeResult, ProtocolError, SessionOpened, Step, StepResult, to_frames)
 from protocol.records import ModelIdentity
 
@@ -162,6 +162,8 @@ class BlockService:
                     break
                 if isinstance(step, Exception):
                     raise step
+                if isinstance(step, KeepAlive):  # the client checks that this peer is still there
+                    continue
                 if self.limits.link_delay:  # as if the step had crossed a network
                     await asyncio.sleep(self.limits.link_delay)
                 if isinstance(step, _Pushed):

@@ -176,6 +176,14 @@ class Step(Message):
             raise ProtocolError("step.session_id must be a string")
 
 
+@dataclasses.dataclass(frozen=True)
+class KeepAlive(Message):
+    """Nothing to do: a client waiting for a pushed step's result writes one now and then, since
+    a write to a peer that died fails at once, where a read only waits (see swarm.session)."""
+
+    type_name: ClassVar[str] = "keepalive"
+
+
 PUSH_SENT = "sent"
 
 

@@ -22,8 +22,8 @@ import torch
 from hivemind.p2p import P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
-from protocol.messages import (INFERENCE_RPC, PUSH_SENT, ErrorReply, FrameJoiner, Message, OpenSession, SessionOpened,
-                               Step, StepResult, to_frames)
+from protocol.messages import (INFERENCE_RPC, PUSH_SENT, ErrorReply, FrameJoiner, KeepAlive, Message, OpenSession,
+                               SessionOpened, Step, StepResult, to_frames)
 from protocol.records import ModelIdentity
 from swarm.client import SwarmClient, SwarmView
 from swarm.routing import Hop, MissingBlocksError, find_route
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_REPLY_BYTES = 1024**3
+KEEPALIVE_SECONDS = 0.1  # how late a pushed step's answer may be before the client checks the peer is there
 
 
 class PeerError(RuntimeError):
@@ -267,7 +268,7 @@ class InferenceSession:
         carried = hidden_states
         for index, segment in enumerate(self._segments):
             try:
-                reply = await self._receive_result(segment, carried)
+                reply = await self._receive_result(segment, carried, pushed=index > 0)
             except PeerError as error:
                 await self._replace(index, error)
                 return await self._run_chain(position, carried, start=index)
@@ -307,11 +308,23 @@ class InferenceSession:
         self._record(segment, at, inputs, reply)
         return reply.hidden_states
 
-    async def _receive_result(self, segment: _Segment, inputs: torch.Tensor) -> StepResult:
+    async def _receive_result(self, segment: _Segment, inputs: torch.Tensor, pushed: bool = False) -> StepResult:
         """This step's result from the segment's peer. Results of earlier steps are skipped: a
-        peer whose push seemed to fail may have computed that step twice."""
+        peer whose push seemed to fail may have computed that step twice.
+
+        `pushed`: the step reached the peer from the hop before it, so the client wrote nothing to
+        this stream, and a read alone does not notice a peer that died (its stream is not closed
+        until a write fails): while the answer is late, a keep-alive every KEEPALIVE_SECONDS."""
         while True:
-            reply = await segment.stream.receive(self.client.step_timeout(inputs))
+            receiving = asyncio.ensure_future(segment.stream.receive(self.client.step_timeout(inputs)))
+            try:
+                while pushed and not receiving.done():
+                    await asyncio.wait([receiving], timeout=KEEPALIVE_SECONDS)
+                    if not receiving.done():
+                        segment.stream.send(KeepAlive())
+                reply = await receiving
+            finally:
+                receiving.cancel()  # only if this step was abandoned midway
             if isinstance(reply, StepResult) and reply.step_id < self._step_id:
                 continue
             if not isinstance(reply, StepResult) or reply.step_id != self._step_id:

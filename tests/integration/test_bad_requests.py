@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from protocol import PROTOCOL_VERSION
-from protocol.messages import (BACKWARD_RPC, FORWARD_RPC, INFERENCE_RPC, Backward, BackwardResult, Forward,
+from protocol.messages import (BACKWARD_RPC, FORWARD_RPC, INFERENCE_RPC, PUSH_RPC, Backward, BackwardResult, Forward,
                                ForwardResult, OpenSession, SessionOpened, Step, StepResult)
 from swarm.local_swarm import LocalSwarm
 from swarm.retry import RetryPolicy
@@ -116,6 +116,20 @@ def test_garbage_bytes_are_refused(peer, garbage):
     for rpc in (INFERENCE_RPC, FORWARD_RPC):
         replies = model.client.run(exchange(model, child, [opening(model)], rpc=rpc, raw_frames=[garbage]))
         assert isinstance(replies[0], PeerError) and ("frame" in str(replies[0]) or "message" in str(replies[0]))
+    assert_still_serving(model, child)
+
+
+def test_bad_pushes_are_refused(peer):
+    """The push RPC (peer to peer) takes only steps that name a session; a client's step must not
+    name one."""
+    model, child = peer
+    replies = model.client.run(exchange(model, child, [opening(model)], rpc=PUSH_RPC))
+    assert isinstance(replies[0], PeerError) and "carries steps that name a session" in str(replies[0]), replies[0]
+    replies = model.client.run(exchange(model, child, [opening(model)], rpc=PUSH_RPC, raw_frames=[b"\x00\xffnot"]))
+    assert isinstance(replies[0], PeerError) and "frame" in str(replies[0]), replies[0]
+    named = Step(step_id=1, position=0, hidden_states=torch.randn(1, 1, 64), session_id="someone-else")
+    replies = model.client.run(exchange(model, child, [opening(model), named]))
+    assert isinstance(replies[1], PeerError) and "names no session" in str(replies[1]), replies[1]
     assert_still_serving(model, child)
 
 

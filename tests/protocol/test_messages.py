@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from protocol import MAX_MESSAGE_BYTES
-from protocol.messages import (Backward, BackwardResult, ErrorReply, Forward, FrameJoiner, OpenSession, ProtocolError,
-                               Step, decode, encode, tensor_from_wire, tensor_to_wire, to_frames)
+from protocol.messages import (MAX_PUSH_HOPS, Backward, BackwardResult, ErrorReply, Forward, FrameJoiner, OpenSession,
+                               ProtocolError, Step, decode, encode, tensor_from_wire, tensor_to_wire, to_frames)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -117,3 +117,20 @@ def test_malformed_prompts_are_refused_in_one_line(case):
         hidden = changes.get("hidden", torch.randn(2, 5, 8))
         decode(encode(Backward(model="m", fingerprint="f", start=1, end=3, hidden_states=hidden, grad_outputs=hidden,
                                prompts=changes["prompts"])))
+
+
+def test_a_step_names_the_hops_to_push_to():
+    hops = [["12D3KooWpeer2", "session2"], ["12D3KooWpeer3", "session3"]]
+    decoded = decode(encode(Step(step_id=1, position=0, hidden_states=torch.zeros(1, 1, 8), push_to=hops)))
+    assert decoded.push_to == hops and decoded.session_id is None
+    plain = decode(encode(Step(step_id=1, position=0, hidden_states=torch.zeros(1, 1, 8))))
+    assert plain.push_to is None  # a step from an older client reads as before
+
+
+@pytest.mark.parametrize("push_to", [["peer"], [["peer"]], [["peer", 3]], "peer", [["p", "s"]] * (MAX_PUSH_HOPS + 1)],
+                         ids=["not pairs", "one string", "not strings", "not a list", "too many"])
+def test_malformed_push_lists_are_refused(push_to):
+    wire = msgpack.unpackb(encode(Step(step_id=1, position=0, hidden_states=torch.zeros(1, 1, 8))))
+    wire["push_to"] = push_to
+    with pytest.raises(ProtocolError, match="push_to"):
+        decode(msgpack.packb(wire))
