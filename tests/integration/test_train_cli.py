@@ -45,6 +45,17 @@ def test_peer_killed_mid_round_and_a_late_joiner(tmp_path):
     assert results[2]["history"][0][1] > 5, "the late joiner's first global step follows the run's, not step 1"
 
 
+BAD_TRAIN_ARGUMENTS = [
+    (["mnist", "--run-id", "x"], "unknown task 'mnist'"),
+    (["digits", "--run-id", "a.b"], "run id 'a.b'"),
+    (["digits", "--run-id", "x", "--aggregator", "average"], "unknown aggregator"),
+    (["digits", "--run-id", "x", "--steps", "0"], "--steps must be at least 1"),
+    (["digits", "--run-id", "x", "--worker-momentum", "1"], "--worker-momentum must be at least 0 and below 1"),
+    (["digits", "--run-id", "x", "--coding", "cyclic", "--worker-momentum", "0.9"],
+     "pass --worker-momentum 0 or drop --coding"),
+]
+
+
 def test_checkpoint_resume_and_bad_input(tmp_path):
     checkpoint = str(tmp_path / "checkpoint")
     with LocalSwarm("unused") as local:
@@ -57,15 +68,9 @@ def test_checkpoint_resume_and_bad_input(tmp_path):
         second = local.trainer_result(local.start_trainer("digits", "resume", ["--steps", "10", "--checkpoint-dir",
                                                                                 checkpoint]))
         assert second["steps"] == 10 and second["history"][0][1] == 7  # went on from step 6
-        for arguments, message in [(["mnist", "--run-id", "x"], "unknown task 'mnist'"),
-                                   (["digits", "--run-id", "a.b"], "run id 'a.b'"),
-                                   (["digits", "--run-id", "x", "--aggregator", "average"], "unknown aggregator"),
-                                   (["digits", "--run-id", "x", "--steps", "0"], "--steps must be at least 1"),
-                                   (["digits", "--run-id", "x", "--worker-momentum", "1"],
-                                    "--worker-momentum must be at least 0 and below 1"),
-                                   (["digits", "--run-id", "x", "--coding", "cyclic", "--worker-momentum", "0.9"],
-                                    "pass --worker-momentum 0 or drop --coding")]:
-            child = local._spawn("bad", ["train", *arguments, "--initial-peers", *local.initial_peers])
+        refused = [(local._spawn(f"bad-{index}", ["train", *arguments, "--initial-peers", *local.initial_peers]),
+                    message) for index, (arguments, message) in enumerate(BAD_TRAIN_ARGUMENTS)]  # all at once
+        for child, message in refused:
             assert child.process.wait(timeout=120) == 1
             assert message in child.log_path.read_text(), child.log_tail()
         child = local._spawn("wrong-task", ["train", "text", "--run-id", "y", "--checkpoint-dir", checkpoint,
