@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 MAX_REPLY_BYTES = 1024**3
 KEEPALIVE_SECONDS = 0.1  # how late a pushed step's answer may be before the client checks the peer is there
+PUSH_GRACE_SECONDS = 1.0  # how late before the client sends a pushed step to its hop itself
 
 
 class PeerError(RuntimeError):
@@ -150,6 +151,7 @@ class InferenceSession:
         self.closed = False
         self.failovers: list[tuple[str, str]] = []  # (failed peer, reason), for logs and tests
         self.pushed_steps = 0  # steps that went through the whole route peer to peer (for tests and benches)
+        self.resent_steps = 0  # pushed steps the client sent to a hop itself, as their answer was late
         # when verifying: (liar, position rolled back to, position of the session when it was caught)
         self.rollbacks: list[tuple[str, int, int]] = []
 
@@ -267,8 +269,10 @@ class InferenceSession:
                                            push_to=push_to))
         carried = hidden_states
         for index, segment in enumerate(self._segments):
+            resend = None if index == 0 else Step(step_id=self._step_id, position=position, hidden_states=carried,
+                                                  push_to=push_to[index:] or None)
             try:
-                reply = await self._receive_result(segment, carried, pushed=index > 0)
+                reply = await self._receive_result(segment, carried, resend=resend)
             except PeerError as error:
                 await self._replace(index, error)
                 return await self._run_chain(position, carried, start=index)
@@ -308,20 +312,35 @@ class InferenceSession:
         self._record(segment, at, inputs, reply)
         return reply.hidden_states
 
-    async def _receive_result(self, segment: _Segment, inputs: torch.Tensor, pushed: bool = False) -> StepResult:
+    async def _receive_result(self, segment: _Segment, inputs: torch.Tensor, resend: Step | None = None
+                              ) -> StepResult:
         """This step's result from the segment's peer. Results of earlier steps are skipped: a
-        peer whose push seemed to fail may have computed that step twice.
+        peer may have computed a step twice (see below).
 
-        `pushed`: the step reached the peer from the hop before it, so the client wrote nothing to
-        this stream, and a read alone does not notice a peer that died (its stream is not closed
-        until a write fails): while the answer is late, a keep-alive every KEEPALIVE_SECONDS."""
+        `resend`: the step reached the peer from the hop before it (pushed), and this is the same
+        step to send it directly. The client wrote nothing to this stream, and a read alone does
+        not notice a peer that died (its stream is not closed until a write fails): while the
+        answer is late, a keep-alive every KEEPALIVE_SECONDS. Past PUSH_GRACE_SECONDS the step
+        itself goes: a push lost on the way (the hop before said it was sent just as its stream
+        to this peer broke) then costs a moment, not a failover of a peer that is alive. A peer
+        that gets both runs the first and drops the pushed one if it comes second."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
             receiving = asyncio.ensure_future(segment.stream.receive(self.client.step_timeout(inputs)))
             try:
-                while pushed and not receiving.done():
+                while resend is not None and not receiving.done():
                     await asyncio.wait([receiving], timeout=KEEPALIVE_SECONDS)
-                    if not receiving.done():
+                    if receiving.done():
+                        break
+                    if loop.time() - started < PUSH_GRACE_SECONDS:
                         segment.stream.send(KeepAlive())
+                    else:
+                        logger.warning(f"no answer from {segment.hop.peer_id} {PUSH_GRACE_SECONDS:g} s after its "
+                                       f"step was pushed to it; sending the step from here")
+                        segment.stream.send(resend)
+                        self.resent_steps += 1
+                        resend = None
                 reply = await receiving
             finally:
                 receiving.cancel()  # only if this step was abandoned midway

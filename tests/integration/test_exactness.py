@@ -84,3 +84,18 @@ def test_a_push_that_cannot_go_out_is_sent_by_the_client(swarm, reference, local
         output = swarm.model.generate(ids, max_new_tokens=8, session=session)
     assert output.tolist() == local_greedy[1][:, : ids.shape[1] + 8].tolist()
     assert session.pushed_steps == 0 and not session.failovers
+
+
+def test_a_push_lost_on_the_way_is_sent_again_by_the_client(swarm, reference, local_greedy):
+    """A push the next hop never gets (here: into a session it does not have, which it drops)
+    leaves that hop without an answer: the client sends it the step itself after a moment, and
+    no peer is failed over."""
+    _, tokenizer = reference
+    ids = chat_ids(tokenizer, PROMPTS[2])
+    with swarm.model.inference_session(max_length=64) as session:
+        hops = len(session.route)
+        if hops > 1:
+            session._segments[1].session_id = "0" * 32  # only pushes use it; the client's stream stays
+        output = swarm.model.generate(ids, max_new_tokens=3, session=session)
+    assert output.tolist() == local_greedy[2][:, : ids.shape[1] + 3].tolist()
+    assert session.resent_steps == (3 if hops > 1 else 0) and not session.failovers
