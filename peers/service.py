@@ -28,8 +28,9 @@ from peers.blocks import AttentionCache, BlockSpan
 from peers.push import Pusher
 from protocol import PROTOCOL_VERSION
 from protocol.messages import (BACKWARD_RPC, FORWARD_RPC, INFERENCE_RPC, PROBE_RPC, PUSH_RPC, PUSH_SENT, Backward,
-                               BackwardResult, ErrorReply, Forward, ForwardResult, FrameJoiner, KeepAlive, Message, OpenSession,
-                               Probe, ProbeResult, ProtocolError, SessionOpened, Step, StepResult, to_frames)
+                               BackwardResult, ErrorReply, Forward, ForwardResult, FrameJoiner, KeepAlive, Message,
+                               OpenSession, Probe, ProbeResult, ProtocolError, SessionOpened, Step, StepResult,
+                               to_frames)
 from protocol.records import ModelIdentity
 
 logger = logging.getLogger(__name__)
@@ -154,49 +155,16 @@ class BlockService:
                 yield frame
             while True:
                 try:
-                    step = await asyncio.wait_for(session.inbox.get(), self.limits.session_idle_timeout)
+                    item = await asyncio.wait_for(session.inbox.get(), self.limits.session_idle_timeout)
                 except asyncio.TimeoutError:
                     raise ProtocolError(f"session idle for {self.limits.session_idle_timeout:.0f} s: "
                                         f"closed to free its cache") from None
-                if step is None:
+                if item is None:
                     break
-                if isinstance(step, Exception):
-                    raise step
-                if isinstance(step, KeepAlive):  # the client checks that this peer is still there
-                    continue
-                if self.limits.link_delay:  # as if the step had crossed a network
-                    await asyncio.sleep(self.limits.link_delay)
-                if isinstance(step, _Pushed):
-                    if step.step.step_id <= session.last_step_id:  # the client sent this one itself meanwhile
-                        continue
-                    step = step.step
-                elif not isinstance(step, Step):
-                    raise ProtocolError(f"expected a step message, got {step.type_name}")
-                elif step.session_id is not None:
-                    raise ProtocolError("a client's step names no session (session_id is for pushes between peers)")
-                if self.blocks is not blocks:
-                    raise ProtocolError(f"this peer moved to blocks {self.blocks.start}:{self.blocks.end}; "
-                                        f"continue elsewhere", retryable=True)
-                self._check_hidden(step.hidden_states, opening.batch_size)
-                cache = session.cache
-                if step.position > cache.length or step.position + step.hidden_states.shape[1] > cache.max_length:
-                    raise ProtocolError(f"step at position {step.position} with {step.hidden_states.shape[1]} tokens "
-                                        f"does not fit: the session holds {cache.length} of max {cache.max_length}")
-                session.last_step_id = max(session.last_step_id, step.step_id)
-                output = self._answer(await self.batcher.submit(step.hidden_states, opening.start, opening.end,
-                                                                step.position, cache))
-                push_status = None
-                if step.push_to:
-                    failure = await session.pusher.push(
-                        Step(step_id=step.step_id, position=step.position, hidden_states=output), step.push_to)
-                    push_status = PUSH_SENT if failure is None else failure
-                    if failure is not None:
-                        logger.warning(f"session {session_id}: push failed: {failure}")
-                if self.limits.link_delay:  # as if the answer had to cross a network to the client
-                    await asyncio.sleep(self.limits.link_delay)
-                for frame in _response_frames(StepResult(step_id=step.step_id, hidden_states=output,
-                                                         push_status=push_status)):
-                    yield frame
+                result = await self._serve(session, opening, blocks, item)
+                if result is not None:
+                    for frame in _response_frames(result):
+                        yield frame
         except ProtocolError as error:
             logger.warning(f"refused a request from {context.remote_id}: {error}")
             for frame in _response_frames(ErrorReply(message=str(error), retryable=error.retryable)):
@@ -237,6 +205,48 @@ class BlockService:
             logger.warning(f"refused a push from {context.remote_id}: {error}")
             for frame in _response_frames(ErrorReply(message=str(error))):
                 yield frame
+
+    async def _serve(self, session: _Session, opening: OpenSession, blocks: BlockSpan, item) -> StepResult | None:
+        """One item of a session's queue: a step from its client, or pushed by the peer before this
+        one, is run, pushed on to the next hop if the step says so, and answered; None: nothing
+        to answer."""
+        if isinstance(item, Exception):
+            raise item
+        if isinstance(item, KeepAlive):  # the client checks that this peer is still there
+            return None
+        if self.limits.link_delay:  # as if the step had crossed a network
+            await asyncio.sleep(self.limits.link_delay)
+        if isinstance(item, _Pushed):
+            if item.step.step_id <= session.last_step_id:  # the client sent this one itself meanwhile
+                return None
+            step = item.step
+        elif not isinstance(item, Step):
+            raise ProtocolError(f"expected a step message, got {item.type_name}")
+        elif item.session_id is not None:
+            raise ProtocolError("a client's step names no session (session_id is for pushes between peers)")
+        else:
+            step = item
+        if self.blocks is not blocks:
+            raise ProtocolError(f"this peer moved to blocks {self.blocks.start}:{self.blocks.end}; "
+                                f"continue elsewhere", retryable=True)
+        self._check_hidden(step.hidden_states, opening.batch_size)
+        cache = session.cache
+        if step.position > cache.length or step.position + step.hidden_states.shape[1] > cache.max_length:
+            raise ProtocolError(f"step at position {step.position} with {step.hidden_states.shape[1]} tokens "
+                                f"does not fit: the session holds {cache.length} of max {cache.max_length}")
+        session.last_step_id = max(session.last_step_id, step.step_id)
+        output = self._answer(await self.batcher.submit(step.hidden_states, opening.start, opening.end,
+                                                        step.position, cache))
+        push_status = None
+        if step.push_to:
+            failure = await session.pusher.push(Step(step_id=step.step_id, position=step.position,
+                                                     hidden_states=output), step.push_to)
+            push_status = PUSH_SENT if failure is None else failure
+            if failure is not None:
+                logger.warning(f"a session's push failed: {failure}")
+        if self.limits.link_delay:  # as if the answer had to cross a network to the client
+            await asyncio.sleep(self.limits.link_delay)
+        return StepResult(step_id=step.step_id, hidden_states=output, push_status=push_status)
 
     async def _open_cache(self, opening: OpenSession) -> AttentionCache:
         if self.draining:
