@@ -162,11 +162,13 @@ class SwarmView:
         self.updated_at = time.monotonic()
         return self.records
 
-    async def measure_rtts(self) -> None:
-        """Ping peers not measured lately (DHT pings, in parallel) and keep the round trips."""
+    async def measure_rtts(self, unmeasured_only: bool = False) -> None:
+        """Ping peers not measured lately (or, with `unmeasured_only`, never measured) in parallel
+        with DHT pings, and keep the round trips."""
         now = time.monotonic()
+        limit = float("inf") if unmeasured_only else self.client.options.rtt_refresh
         stale = [record.peer_id for record in self.records
-                 if now - self._rtt_measured_at.get(record.peer_id, -1e9) > self.client.options.rtt_refresh]
+                 if now - self._rtt_measured_at.get(record.peer_id, -1e9) > limit]
 
         async def ping(peer_id: str) -> None:
             started = time.perf_counter()

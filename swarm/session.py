@@ -172,6 +172,8 @@ class InferenceSession:
     async def _open(self) -> None:
         if not self.view.records:
             await self.view.wait_for_coverage(self.client.options.coverage_timeout)
+        # a peer that joined since the last background ping would be routed by a guessed round trip
+        await self.view.measure_rtts(unmeasured_only=True)
         try:
             self._segments = await self._connect(0, self.view.num_blocks)
         except BaseException:

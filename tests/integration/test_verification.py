@@ -4,7 +4,9 @@ answer stays exact.
 Real processes on loopback, a tiny random Llama of 4 blocks: peer A serves 0:2, B 2:4 and the
 liar L 2:4 with the hidden test flag --corrupt-outputs. L announces a far higher throughput
 than B, so every fresh client routes through it: the tests check that the route named the
-liar before they look at the answer.
+liar before they look at the answer. Throughputs are set so that the compute each route costs
+differs by tens of milliseconds per token (B 10, L 30, the later liars 5000), well above how
+much measured round trips move on a loaded machine.
 """
 
 import random
@@ -17,7 +19,7 @@ from swarm.local_swarm import LocalSwarm
 from swarm.model import DistributedModelForCausalLM
 
 NEW_TOKENS = 16
-LIAR = ["--throughput", "1000", "--corrupt-outputs", "1.0"]
+LIAR = ["--throughput", "30", "--corrupt-outputs", "1.0"]
 
 
 @pytest.fixture(scope="module")
