@@ -83,8 +83,7 @@ class Pusher:
             self.close()
             stream = PushStream(self.p2p, peer_id, session_id)
             try:
-                PeerID.from_base58(peer_id)
-                await stream.open()
+                await stream.open()  # a malformed peer id fails here too
             except Exception as error:
                 return f"could not reach {peer_id} ({type(error).__name__}: {error})"
             self._stream = stream

@@ -271,10 +271,9 @@ class InferenceSession:
                                            push_to=push_to))
         carried = hidden_states
         for index, segment in enumerate(self._segments):
-            resend = None if index == 0 else Step(step_id=self._step_id, position=position, hidden_states=carried,
-                                                  push_to=push_to[index:] or None)
             try:
-                reply = await self._receive_result(segment, carried, resend=resend)
+                reply = await self._receive_result(segment, carried, pushed=index > 0, position=position,
+                                                   push_to=push_to[index:] or None)
             except PeerError as error:
                 await self._replace(index, error)
                 return await self._run_chain(position, carried, start=index)
@@ -314,24 +313,24 @@ class InferenceSession:
         self._record(segment, at, inputs, reply)
         return reply.hidden_states
 
-    async def _receive_result(self, segment: _Segment, inputs: torch.Tensor, resend: Step | None = None
-                              ) -> StepResult:
+    async def _receive_result(self, segment: _Segment, inputs: torch.Tensor, pushed: bool = False,
+                              position: int = 0, push_to: list[list[str]] | None = None) -> StepResult:
         """This step's result from the segment's peer. Results of earlier steps are skipped: a
         peer may have computed a step twice (see below).
 
-        `resend`: the step reached the peer from the hop before it (pushed), and this is the same
-        step to send it directly. The client wrote nothing to this stream, and a read alone does
-        not notice a peer that died (its stream is not closed until a write fails): while the
-        answer is late, a keep-alive every KEEPALIVE_SECONDS. Past PUSH_GRACE_SECONDS the step
-        itself goes: a push lost on the way (the hop before said it was sent just as its stream
-        to this peer broke) then costs a moment, not a failover of a peer that is alive. A peer
-        that gets both runs the first and drops the pushed one if it comes second."""
+        `pushed`: the step (`inputs` at `position`, to push on to `push_to`) reached the peer from
+        the hop before it. The client wrote nothing to this stream, and a read alone does not
+        notice a peer that died (its stream is not closed until a write fails): while the answer
+        is late, a keep-alive every KEEPALIVE_SECONDS. Past PUSH_GRACE_SECONDS the client sends
+        the step itself: a push lost on the way (the hop before said it was sent just as its
+        stream to this peer broke) then costs a moment, not a failover of a peer that is alive.
+        A peer that gets both runs the first and drops the pushed one if it comes second."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         while True:
             receiving = asyncio.ensure_future(segment.stream.receive(self.client.step_timeout(inputs)))
             try:
-                while resend is not None and not receiving.done():
+                while pushed and not receiving.done():
                     await asyncio.wait([receiving], timeout=KEEPALIVE_SECONDS)
                     if receiving.done():
                         break
@@ -340,9 +339,10 @@ class InferenceSession:
                     else:
                         logger.warning(f"no answer from {segment.hop.peer_id} {PUSH_GRACE_SECONDS:g} s after its "
                                        f"step was pushed to it; sending the step from here")
-                        segment.stream.send(resend)
+                        segment.stream.send(Step(step_id=self._step_id, position=position, hidden_states=inputs,
+                                                 push_to=push_to))
                         self.resent_steps += 1
-                        resend = None
+                        pushed = False
                 reply = await receiving
             finally:
                 receiving.cancel()  # only if this step was abandoned midway
