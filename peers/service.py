@@ -244,6 +244,9 @@ class BlockService:
             push_status = PUSH_SENT if failure is None else failure
             if failure is not None:
                 logger.warning(f"a session's push failed: {failure}")
+            else:  # the push, which the next hop waits for, goes out before the answer to the client, which
+                # only keeps it for replays (4 clients through 3 peers on 2 cores: a hop took 3.5 instead of 4.5 ms)
+                await asyncio.sleep(0)
         if self.limits.link_delay:  # as if the answer had to cross a network to the client
             await asyncio.sleep(self.limits.link_delay)
         return StepResult(step_id=step.step_id, hidden_states=output, push_status=push_status)

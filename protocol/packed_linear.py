@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 
 import torch
 from torch import nn
@@ -93,6 +94,19 @@ def pack_linears(module: nn.Module) -> int:
     return len(targets)
 
 
+class WeightState:
+    """Which weight, in which state, a copy was made from: the same tensor object (its id alone
+    is not enough: a freed weight's id goes to the next tensor made), at the same version (an
+    in-place change bumps it) and storage (assigning `.data` replaces it)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self._weight = weakref.ref(weight)
+        self._state = (weight._version, weight.data_ptr())
+
+    def matches(self, weight: torch.Tensor) -> bool:
+        return self._weight() is weight and self._state == (weight._version, weight.data_ptr())
+
+
 class PackedWeightCache:
     """A packed copy of a weight that stays trainable elsewhere (the client's head, tied to the
     embeddings): products without autograd use the copy, repacked whenever the weight is replaced
@@ -100,7 +114,7 @@ class PackedWeightCache:
     again in memory."""
 
     def __init__(self):
-        self._key: tuple[int, int] | None = None
+        self._made_from: WeightState | None = None
         self._packed: torch.Tensor | None = None
 
     def linear(self, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -109,8 +123,7 @@ class PackedWeightCache:
         if (torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad)) or not packing_available() \
                 or weight.dtype != torch.float32 or weight.device.type != "cpu" or inputs.dtype != torch.float32:
             return None
-        key = (id(weight), weight._version)
-        if key != self._key:
+        if self._made_from is None or not self._made_from.matches(weight):
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACKING_ROWS)
-            self._key = key
+            self._made_from = WeightState(weight)
         return torch.ops.mkldnn._linear_pointwise(inputs.contiguous(), self._packed, None, "none", [], "")

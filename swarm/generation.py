@@ -46,10 +46,15 @@ class _MinNewTokens:
     def __init__(self, prompt_length: int, min_new_tokens: int, eos_ids: list[int]):
         self.prompt_length, self.min_new_tokens, self.eos_ids = prompt_length, min_new_tokens, eos_ids
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def banned(self, input_ids: torch.LongTensor, vocab_size: int) -> list[int]:
         if input_ids.shape[-1] - self.prompt_length >= self.min_new_tokens:
-            return scores
-        scores[:, [eos for eos in self.eos_ids if 0 <= eos < scores.shape[-1]]] = -math.inf
+            return []
+        return [eos for eos in self.eos_ids if 0 <= eos < vocab_size]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        banned = self.banned(input_ids, scores.shape[-1])
+        if banned:
+            scores[:, banned] = -math.inf
         return scores
 
 
@@ -95,6 +100,8 @@ def generate(model: DistributedModelForCausalLM, input_ids: torch.Tensor, sessio
         new_ids = input_ids
         sequence = input_ids if history is None else torch.cat([history, input_ids], dim=1)
     warpers = _warpers(config, sequence.shape[1], eos_ids)
+    # greedy with at most end-of-sequence tokens held back: the head is screened (model.greedy_tokens)
+    screened = not config.do_sample and all(isinstance(warper, _MinNewTokens) for warper in warpers)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     generated = input_ids
@@ -108,12 +115,17 @@ def generate(model: DistributedModelForCausalLM, input_ids: torch.Tensor, sessio
                                  "pass at least one new token")
             hidden_states = active.step(model.embed(new_ids, at_start=active.position == 0))
             active.token_ids = sequence
-            logits = model.logits_from_hidden(hidden_states[:, -1]).float()
-            scores = warpers(sequence, logits)
-            if config.do_sample:
-                next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-            else:
-                next_tokens = torch.argmax(scores, dim=-1)
+            next_tokens = None
+            if screened:
+                banned = [token for warper in warpers for token in warper.banned(sequence, model.config.vocab_size)]
+                next_tokens = model.greedy_tokens(hidden_states[:, -1], banned)
+            if next_tokens is None:
+                logits = model.logits_from_hidden(hidden_states[:, -1]).float()
+                scores = warpers(sequence, logits)
+                if config.do_sample:
+                    next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    next_tokens = torch.argmax(scores, dim=-1)
             next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
             sequence = torch.cat([sequence, next_tokens[:, None]], dim=1)
             generated = torch.cat([generated, next_tokens[:, None]], dim=1)

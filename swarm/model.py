@@ -17,10 +17,11 @@ from transformers import GenerationConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from protocol.packed_linear import PackedWeightCache
+from protocol.packed_linear import PackedWeightCache, packing_available
 from protocol.weights import ModelStore, open_model
 from swarm.client import ClientOptions, SwarmClient, SwarmView
 from swarm.generation import generate
+from swarm.greedy_head import ScreenedArgmax
 from swarm.referees import Verifier
 from swarm.remote import RemoteBlocks, forward_through
 from swarm.session import InferenceSession
@@ -34,12 +35,13 @@ class DistributedModelForCausalLM(nn.Module):
         self.store, self.client, self._owns_client = store, client, owns_client
         self.config = store.config()
         state = store.client_state()
-        # The head's weight is stored column-major: where generation cannot use the packed copy
-        # (no oneDNN; see logits_from_hidden) the product with one hidden state then reads it
-        # contiguously, 3.9 instead of 6.7 ms for the embedded model's 49152 x 576 head on the machine
-        # that measured it. Tied embeddings share that layout; a lookup of a few rows hardly notices.
-        head = "lm_head.weight" if "lm_head.weight" in state else "model.embed_tokens.weight"
-        state[head] = state[head].t().contiguous().t()
+        # Without oneDNN (no packed copies, see logits_from_hidden) the head's weight is stored
+        # column-major: the product with one hidden state then reads it contiguously, 3.9 instead of
+        # 6.7 ms for the embedded model's 49152 x 576 head on the machine that measured it. With
+        # oneDNN it stays row-major: greedy steps read a few of its rows (swarm.greedy_head).
+        if not packing_available():
+            head = "lm_head.weight" if "lm_head.weight" in state else "model.embed_tokens.weight"
+            state[head] = state[head].t().contiguous().t()
         # padding_idx as in transformers: that row gets no gradient from the lookup
         self.embed_tokens = nn.Embedding.from_pretrained(state["model.embed_tokens.weight"], freeze=False,
                                                          padding_idx=getattr(self.config, "pad_token_id", None))
@@ -59,6 +61,7 @@ class DistributedModelForCausalLM(nn.Module):
         # checks peers' answers in inference sessions when ClientOptions.verify_fraction > 0
         self.verifier = Verifier(client, self.view, store) if client.options.verify_fraction > 0 else None
         self._packed_head = PackedWeightCache()
+        self._greedy_head = ScreenedArgmax()
         self.prompt_embeddings: nn.Parameter | None = None  # shallow soft prompt, see enable_prompt_tuning
         self.deep_prompts: nn.Parameter | None = None  # [num_blocks, prompt tokens, hidden], fed to the peers
 
@@ -98,6 +101,12 @@ class DistributedModelForCausalLM(nn.Module):
         # the embedded model's head on one thread here (protocol.packed_linear)
         logits = self._packed_head.linear(normed, self.lm_head.weight)
         return self.lm_head(normed) if logits is None else logits
+
+    def greedy_tokens(self, hidden_states: torch.Tensor, banned: list[int] = ()) -> torch.Tensor | None:
+        """The argmax of `logits_from_hidden(hidden_states)` per row ([rows, hidden]), never a
+        `banned` token, from a bfloat16 screen of the head and float32 logits of the few tokens
+        it leaves (swarm.greedy_head); None where the screen cannot be used."""
+        return self._greedy_head.argmax(self.norm(hidden_states), self.lm_head.weight, banned)
 
     def enable_prompt_tuning(self, num_tokens: int, seed: int = 0, deep: bool = False
                              ) -> nn.Parameter | list[nn.Parameter]:

@@ -59,3 +59,16 @@ def test_a_cached_packed_weight_follows_the_weights_changes():
         assert torch.allclose(cache.linear(inputs, weight), inputs @ weight.T, rtol=1e-5, atol=1e-5)
         weight.mul_(-2)  # an optimizer step changes it in place
         assert torch.allclose(cache.linear(inputs, weight), inputs @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_a_cached_packed_weight_is_remade_for_a_new_weight_or_storage():
+    from protocol.packed_linear import PackedWeightCache
+
+    cache, inputs = PackedWeightCache(), torch.randn(2, 24)
+    with torch.no_grad():
+        for _ in range(5):  # fresh weights, often at the id of the one just freed
+            weight = torch.randn(40, 24)
+            assert torch.allclose(cache.linear(inputs, weight), inputs @ weight.T, rtol=1e-5, atol=1e-5)
+        weight.data = torch.randn(40, 24)
+        assert torch.allclose(cache.linear(inputs, weight), inputs @ weight.T, rtol=1e-5, atol=1e-5)
