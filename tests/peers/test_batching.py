@@ -72,3 +72,28 @@ def test_no_wait_for_a_session_over_other_blocks():
     batches, events = run_rounds(window=0.5, lag=0.1, b_start=1)
     assert batches == [1] * 10, batches
     assert events[-4:] == ["A sent", "A done", "B sent", "B done"]
+
+
+def test_the_gap_after_a_prompt_does_not_count_as_a_sessions_rhythm():
+    """Each session's prompt, then a long pause (its prefill on the rest of the route), then
+    generation steps: batching starts as soon as two generation steps showed B's rhythm. Taken
+    as a rhythm, the pause would make B look far off for several more rounds."""
+    blocks = RecordingBlocks()
+
+    async def main():
+        with ThreadPoolExecutor(1) as compute:
+            batcher = StepBatcher(blocks, compute, after_compute=lambda: None, gather_window=0.3)
+            a, b = Session(), Session()
+
+            async def step(cache, delay, tokens=1):
+                await asyncio.sleep(delay)
+                await batcher.submit(torch.zeros(1, tokens, 4), 0, 2, 0, cache)
+
+            await asyncio.gather(step(a, 0.0, tokens=5), step(b, 0.1, tokens=5))
+            await asyncio.sleep(0.6)  # under active_for: the sessions are still taken to be generating
+            for _ in range(5):
+                await asyncio.gather(step(a, 0.0), step(b, 0.1))
+                await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert blocks.batches == [1, 1, 1, 1, 1, 1, 2, 2, 2], blocks.batches
