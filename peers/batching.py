@@ -14,9 +14,7 @@ up to 20 ms for each other, and the clients got 1.7x one client's tokens/s inste
 While several sessions are generating, the compute thread may use fewer torch threads
 (`busy_threads`): on a small machine shared with other processes, OpenMP workers spinning on
 every core starve the network side and the neighbours (measured on 2 cores, 4 clients through
-3 peers: 11.1 tokens/s in all with 2 threads each, 30.5 with 1). Batches of many tokens (prompts)
-keep all threads: each product then has enough work that a late worker costs little (4 prompts
-of 30 tokens through 10 blocks: 52 ms on one thread, 32 ms on two).
+3 peers: 11.1 tokens/s in all with 2 threads each, 30.5 with 1).
 """
 
 from __future__ import annotations
@@ -33,11 +31,6 @@ import torch
 from peers.blocks import AttentionCache, BlockSpan
 
 logger = logging.getLogger(__name__)
-
-
-# Batches of at most this many tokens (generation steps) run on `busy_threads` while several
-# sessions generate; larger ones (prompts) on all threads.
-BUSY_BATCH_TOKENS = 16
 
 
 @dataclasses.dataclass(eq=False)  # compared by identity: fields hold tensors
@@ -176,8 +169,7 @@ class StepBatcher:
                 if not live:
                     continue
                 try:
-                    tokens = sum(step.hidden_states.shape[0] * step.hidden_states.shape[1] for step in live)
-                    busy = self._generating_sessions(loop.time()) > 1 and tokens <= BUSY_BATCH_TOKENS
+                    busy = self._generating_sessions(loop.time()) > 1
                     outputs = await loop.run_in_executor(self.compute, self._run, live, busy)
                 except Exception as error:
                     for step in live:

@@ -97,26 +97,3 @@ def test_the_gap_after_a_prompt_does_not_count_as_a_sessions_rhythm():
 
     asyncio.run(main())
     assert blocks.batches == [1, 1, 1, 1, 1, 1, 2, 2, 2], blocks.batches
-
-
-def test_busy_peers_use_fewer_threads_for_generation_steps_but_not_for_prompts():
-    threads: list[tuple[int, int]] = []  # (tokens in the batch, torch threads it ran on)
-
-    class CountingBlocks(RecordingBlocks):
-        def forward_many(self, steps, start, end):
-            threads.append((sum(hidden.shape[1] for hidden, _, _ in steps), torch.get_num_threads()))
-            return super().forward_many(steps, start, end)
-
-    async def main():
-        with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(3,)) as compute:
-            batcher = StepBatcher(CountingBlocks(), compute, after_compute=lambda: None, busy_threads=1,
-                                  gather_window=0)
-            a, b = Session(), Session()
-            for tokens in (1, 1, 1, 40, 1):  # A's 4th step is a prompt of 40 tokens
-                await asyncio.gather(batcher.submit(torch.zeros(1, tokens, 4), 0, 2, 0, a),
-                                     batcher.submit(torch.zeros(1, 1, 4), 0, 2, 0, b))
-
-    asyncio.run(main())
-    prompts = [count for tokens, count in threads if tokens >= 40]
-    steps = [count for tokens, count in threads if tokens < 40]
-    assert prompts == [3] and len(steps) >= 4 and set(steps) == {1}, threads
