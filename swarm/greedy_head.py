@@ -103,7 +103,7 @@ class ScreenedArgmax:
             screen = torch.ops.mkldnn._linear_pointwise(inputs.to(torch.bfloat16).contiguous(), self._packed, None,
                                                         "none", [], "").float().numpy()
             # the choice in numpy: a few passes over a vocabulary-sized row, 0.14 ms here
-            bound = self._scaled_norms * np.linalg.norm(inputs.numpy(), axis=1, keepdims=True)
+            bound = self._scaled_norms * np.linalg.norm(inputs.detach().numpy(), axis=1, keepdims=True)
             if banned:
                 screen[:, list(banned)] = -np.inf
             lowest_best = (screen - bound).max(axis=1, keepdims=True)  # the argmax is at least this

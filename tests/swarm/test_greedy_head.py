@@ -94,3 +94,10 @@ def test_cases_the_screen_hands_over_to_the_float32_head():
     trainable = weight.clone().requires_grad_(True)
     assert screen.argmax(torch.randn(1, HIDDEN), trainable) is None  # autograd wants the full product
     assert screen.screened == 0
+
+
+def test_inputs_that_require_grad_are_screened_when_autograd_is_off():
+    screen, weight = ScreenedArgmax(require_native=False), head()
+    inputs = (torch.randn(2, HIDDEN) * 4).requires_grad_(True)
+    with torch.no_grad():
+        assert torch.equal(screen.argmax(inputs, weight), (inputs @ weight.T).argmax(dim=1))
