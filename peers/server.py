@@ -152,6 +152,8 @@ class Peer:
             await asyncio.wait_for(self._announce(node), timeout=10)
             await node.shutdown()
         finally:
+            if self.service is not None:
+                self.service.pushes.close()
             await p2p.shutdown()
 
     async def _read_records(self, node: DHTNode) -> list[PeerRecord]:

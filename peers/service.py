@@ -25,12 +25,12 @@ from hivemind.proto import runtime_pb2
 
 from peers.batching import StepBatcher
 from peers.blocks import AttentionCache, BlockSpan
-from peers.push import Pusher
+from peers.push import PushHub
 from protocol import PROTOCOL_VERSION
 from protocol.messages import (BACKWARD_RPC, FORWARD_RPC, INFERENCE_RPC, PROBE_RPC, PUSH_RPC, PUSH_SENT, Backward,
                                BackwardResult, ErrorReply, Forward, ForwardResult, FrameJoiner, KeepAlive, Message,
-                               OpenSession, Probe, ProbeResult, ProtocolError, SessionOpened, Step, StepResult,
-                               to_frames)
+                               OpenSession, Probe, ProbeResult, ProtocolError, Pushes, SessionOpened, Step,
+                               StepResult, to_frames)
 from protocol.records import ModelIdentity
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class BlockService:
         self.identity, self.blocks, self.limits = identity, blocks, limits
         self.compute = compute  # the peer's single torch thread (see peers.server.Peer)
         self.sessions: dict[str, _Session] = {}
-        self.p2p = None  # set by register: pushes to the next hop go out through it
+        self.pushes = PushHub(None)  # set by register: pushes to the next hop go out through its P2P
         self.cache_bytes_used = 0
         self.batcher = StepBatcher(blocks, compute, after_compute=self._delay, busy_threads=limits.busy_threads,
                                     gather_window=limits.batch_wait)
@@ -80,7 +80,7 @@ class BlockService:
         return max(0, (self.limits.cache_bytes - self.cache_bytes_used) // per_token)
 
     async def register(self, p2p) -> None:
-        self.p2p = p2p
+        self.pushes = PushHub(p2p)
         await p2p.add_protobuf_handler(INFERENCE_RPC, self.rpc_inference, runtime_pb2.ExpertRequest,
                                        stream_input=True, stream_output=True)
         await p2p.add_protobuf_handler(FORWARD_RPC, self.rpc_forward, runtime_pb2.ExpertRequest,
@@ -143,7 +143,7 @@ class BlockService:
             if not isinstance(opening, OpenSession):
                 raise ProtocolError("an inference stream must start with an open message")
             self._check_span(opening.model, opening.fingerprint, opening.start, opening.end, opening.protocol_version)
-            session = _Session(await self._open_cache(opening), Pusher(self.p2p))
+            session = _Session(await self._open_cache(opening))
             blocks = self.blocks
             session_id = secrets.token_hex(16)  # also what lets another peer push steps into it: unguessable
             self.sessions[session_id] = session
@@ -183,7 +183,6 @@ class BlockService:
                 reader.cancel()
             if session_id is not None:
                 session = self.sessions.pop(session_id)
-                session.pusher.close()
                 self.batcher.forget(session.cache)
                 self.cache_bytes_used -= session.cache.nbytes
                 logger.info(f"session {session_id} closed ({len(self.sessions)} open)")
@@ -193,14 +192,16 @@ class BlockService:
         """Steps another peer pushes into sessions of this one (see peers.push). Nothing is
         answered but refusals: the result of a pushed step goes to the session's client."""
         try:
-            async for step in _messages(requests, self.limits.max_message_bytes):
-                if not isinstance(step, Step) or step.session_id is None:
+            async for message in _messages(requests, self.limits.max_message_bytes):
+                steps = message.steps if isinstance(message, Pushes) else (message,)
+                if not all(isinstance(step, Step) and step.session_id is not None for step in steps):
                     raise ProtocolError("a push stream carries steps that name a session")
-                session = self.sessions.get(step.session_id)
-                if session is None:  # closed meanwhile; its client learns it from its own stream
-                    logger.debug(f"{context.remote_id} pushed a step into an unknown session")
-                    continue
-                session.inbox.put_nowait(_Pushed(step))
+                for step in steps:  # a batch's steps reach their sessions in one turn: batched here too
+                    session = self.sessions.get(step.session_id)
+                    if session is None:  # closed meanwhile; its client learns it from its own stream
+                        logger.debug(f"{context.remote_id} pushed a step into an unknown session")
+                        continue
+                    session.inbox.put_nowait(_Pushed(step))
         except ProtocolError as error:
             logger.warning(f"refused a push from {context.remote_id}: {error}")
             for frame in _response_frames(ErrorReply(message=str(error))):
@@ -239,8 +240,8 @@ class BlockService:
                                                         step.position, cache))
         push_status = None
         if step.push_to:
-            failure = await session.pusher.push(Step(step_id=step.step_id, position=step.position,
-                                                     hidden_states=output), step.push_to)
+            failure = await self.pushes.push(Step(step_id=step.step_id, position=step.position,
+                                                  hidden_states=output), step.push_to)
             push_status = PUSH_SENT if failure is None else failure
             if failure is not None:
                 logger.warning(f"a session's push failed: {failure}")
@@ -338,7 +339,6 @@ class _Pushed:
 @dataclasses.dataclass(eq=False)
 class _Session:
     cache: AttentionCache
-    pusher: Pusher
     inbox: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)  # steps; None at the client's end
     last_step_id: int = -1
 

@@ -176,6 +176,33 @@ class Step(Message):
             raise ProtocolError("step.session_id must be a string")
 
 
+MAX_PUSHED_STEPS = 1024  # steps one Pushes message may carry
+
+
+@dataclasses.dataclass(frozen=True)
+class Pushes(Message):
+    """Steps a peer pushes into sessions of the next peer, each naming its session: the outputs
+    of one batch that go to the same peer, sent as one message (see peers.push)."""
+
+    type_name: ClassVar[str] = "pushes"
+    steps: tuple[Step, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.type_name, "steps": [step.to_wire() for step in self.steps]}
+
+    @classmethod
+    def from_wire_fields(cls, wire: dict[str, Any]) -> Message:
+        steps = wire.get("steps")
+        if not isinstance(steps, list) or not 0 < len(steps) <= MAX_PUSHED_STEPS:
+            raise ProtocolError(f"pushes.steps must be a list of 1 to {MAX_PUSHED_STEPS} steps")
+        decoded = []
+        for step in steps:
+            if not isinstance(step, dict) or step.get("type") != Step.type_name:
+                raise ProtocolError("pushes.steps must hold step messages")
+            decoded.append(Step.from_wire_fields(step))
+        return cls(steps=tuple(decoded))
+
+
 @dataclasses.dataclass(frozen=True)
 class KeepAlive(Message):
     """Nothing to do: a client waiting for a pushed step's result writes one now and then, since

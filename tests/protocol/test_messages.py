@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from protocol import MAX_MESSAGE_BYTES
-from protocol.messages import (MAX_PUSH_HOPS, Backward, BackwardResult, ErrorReply, Forward, FrameJoiner, OpenSession,
-                               ProtocolError, Step, decode, encode, tensor_from_wire, tensor_to_wire, to_frames)
+from protocol.messages import (MAX_PUSH_HOPS, MAX_PUSHED_STEPS, Backward, BackwardResult, ErrorReply, Forward,
+                               FrameJoiner, OpenSession, ProtocolError, Pushes, Step, decode, encode, tensor_from_wire,
+                               tensor_to_wire, to_frames)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -134,3 +135,29 @@ def test_malformed_push_lists_are_refused(push_to):
     wire["push_to"] = push_to
     with pytest.raises(ProtocolError, match="push_to"):
         decode(msgpack.packb(wire))
+
+
+def test_pushes_carry_the_steps_of_several_sessions():
+    steps = tuple(Step(step_id=index, position=7, hidden_states=torch.randn(1, 1, 8), session_id=f"session{index}",
+                       push_to=[["12D3KooWpeer3", "s3"]] if index else None) for index in range(3))
+    decoded = decode(encode(Pushes(steps=steps)))
+    assert isinstance(decoded, Pushes) and len(decoded.steps) == 3
+    for sent, received in zip(steps, decoded.steps):
+        assert (received.step_id, received.position, received.session_id, received.push_to) == \
+            (sent.step_id, sent.position, sent.session_id, sent.push_to)
+        assert torch.equal(received.hidden_states, sent.hidden_states)
+
+
+@pytest.mark.parametrize("steps", [None, [], "step", [{"type": "keepalive"}], [3],
+                                   [{"type": "step", "step_id": 1}], [{"type": "pushes", "steps": []}]],
+                         ids=["missing", "empty", "not a list", "not a step", "not a map", "step misses fields",
+                              "nested"])
+def test_malformed_pushes_are_refused(steps):
+    with pytest.raises(ProtocolError, match="pushes|step"):
+        decode(msgpack.packb({"type": "pushes", "steps": steps}))
+
+
+def test_pushes_are_limited_in_count():
+    step = Step(step_id=1, position=0, hidden_states=torch.zeros(1, 1, 2), session_id="s").to_wire()
+    with pytest.raises(ProtocolError, match=f"1 to {MAX_PUSHED_STEPS} steps"):
+        decode(msgpack.packb({"type": "pushes", "steps": [step] * (MAX_PUSHED_STEPS + 1)}))
