@@ -104,7 +104,7 @@ class DistributedModelForCausalLM(nn.Module):
 
     def greedy_tokens(self, hidden_states: torch.Tensor, banned: list[int] = ()) -> torch.Tensor | None:
         """The argmax of `logits_from_hidden(hidden_states)` per row ([rows, hidden]), never a
-        `banned` token, from a bfloat16 screen of the head and float32 logits of the few tokens
+        `banned` token, from an int8 screen of the head and float32 logits of the few tokens
         it leaves (swarm.greedy_head); None where the screen cannot be used."""
         return self._greedy_head.argmax(self.norm(hidden_states), self.lm_head.weight, banned)
 
