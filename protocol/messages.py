@@ -10,6 +10,7 @@ joins (`FrameJoiner`) before decoding. Frames ride in hivemind's `ExpertRequest.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar, Iterator
 
 import msgpack
@@ -61,7 +62,7 @@ def tensor_from_wire(wire: Any) -> torch.Tensor:
     if dtype not in WIRE_DTYPES:
         raise ProtocolError(f"unsupported tensor dtype {dtype!r}; use one of {sorted(WIRE_DTYPES)}")
     torch_dtype = WIRE_DTYPES[dtype]
-    expected = int(np.prod(shape, dtype=np.int64)) * torch_dtype.itemsize
+    expected = math.prod(shape) * torch_dtype.itemsize  # exact: numpy's int64 product could wrap around
     if any(size < 0 for size in shape) or not isinstance(data, bytes) or len(data) != expected:
         raise ProtocolError(f"tensor data has {len(data) if isinstance(data, bytes) else '?'} bytes, "
                             f"shape {shape} of {dtype} needs {expected}")

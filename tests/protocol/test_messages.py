@@ -22,6 +22,9 @@ def test_tensor_with_wrong_byte_count_or_dtype_is_refused():
         tensor_from_wire({**wire, "dtype": "int64"})
     with pytest.raises(ProtocolError):
         tensor_from_wire({"shape": [1]})
+    # a shape whose element count wraps around in 64-bit integers (2^64 -> 0) against empty data
+    with pytest.raises(ProtocolError, match=f"needs {2**66}"):
+        tensor_from_wire({**wire, "shape": [2**32, 2**32], "data": b""})
 
 
 def test_message_round_trip_keeps_fields_and_tensor():
