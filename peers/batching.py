@@ -44,6 +44,16 @@ class _PendingStep:
     arrived: float
 
 
+@dataclasses.dataclass
+class _Rhythm:
+    """When a session last sent a step here, over which blocks, and how often it sends them."""
+
+    last_step: float
+    span: tuple[int, int]
+    generating: bool  # its last step was one token
+    interval: float | None = None  # typical time between its generation steps (moving average)
+
+
 class StepBatcher:
     def __init__(self, blocks: BlockSpan, compute: ThreadPoolExecutor, after_compute: Callable[[], None],
                  max_batch_tokens: int = 256, busy_threads: int | None = None, active_for: float = 1.0,
@@ -54,10 +64,7 @@ class StepBatcher:
         self.max_batch_tokens, self.busy_threads, self.active_for = max_batch_tokens, busy_threads, active_for
         self.gather_window = gather_window
         self._step_seconds: float | None = None  # moving average of one batch's compute time
-        self._last_step: dict[int, float] = {}  # cache id -> when its session last sent a step
-        self._interval: dict[int, float] = {}  # cache id -> typical time between its steps (moving average)
-        self._span: dict[int, tuple[int, int]] = {}  # cache id -> the blocks its steps go through
-        self._last_generating: dict[int, bool] = {}  # cache id -> whether its last step was one token
+        self._rhythms: dict[int, _Rhythm] = {}  # cache id -> its session's rhythm, while it is active
         self._idle_threads: int | None = None  # torch threads when one session generates
         self._pending: list[_PendingStep] = []
         self._wakeup = asyncio.Event()
@@ -76,18 +83,21 @@ class StepBatcher:
         # prefill on every peer of the route) would start the average several times too long, and
         # steps would not wait for a session still taken to be far off (4 clients through 3 peers:
         # their 2nd to 10th tokens took 90-110 ms per round, against 55 ms once the averages settled)
-        if key in self._last_step and generating and self._last_generating.get(key):
-            interval = now - self._last_step[key]
-            self._interval[key] = 0.7 * self._interval.get(key, interval) + 0.3 * interval
-        self._last_step[key], self._span[key], self._last_generating[key] = now, (start, end), generating
+        rhythm = self._rhythms.get(key)
+        if rhythm is None:
+            self._rhythms[key] = _Rhythm(now, (start, end), generating)
+        else:
+            if generating and rhythm.generating:
+                interval = now - rhythm.last_step
+                rhythm.interval = interval if rhythm.interval is None else 0.7 * rhythm.interval + 0.3 * interval
+            rhythm.last_step, rhythm.span, rhythm.generating = now, (start, end), generating
         self._pending.append(_PendingStep(hidden_states, start, end, position, cache, result, now))
         self._wakeup.set()
         return await result
 
     def forget(self, cache: AttentionCache) -> None:
         """The session closed: no step of it is worth waiting for."""
-        for table in (self._last_step, self._interval, self._span, self._last_generating):
-            table.pop(id(cache), None)
+        self._rhythms.pop(id(cache), None)
 
     @property
     def window(self) -> float:
@@ -114,9 +124,9 @@ class StepBatcher:
         """Some generating session over `span` (only those share a batch) without a waiting step is
         due to send one before `deadline`."""
         waiting = {id(step.cache) for step in self._pending}
-        return any(key not in waiting and key in self._interval and self._span.get(key) == span
-                   and last + self._interval[key] <= deadline
-                   for key, last in self._last_step.items() if now - last < self.active_for)
+        return any(key not in waiting and rhythm.interval is not None and rhythm.span == span
+                   and rhythm.last_step + rhythm.interval <= deadline
+                   for key, rhythm in self._rhythms.items() if now - rhythm.last_step < self.active_for)
 
     def _take_batch(self) -> list[_PendingStep]:
         first = self._pending[0]
@@ -131,11 +141,9 @@ class StepBatcher:
         return batch
 
     def _generating_sessions(self, now: float) -> int:
-        self._last_step = {key: when for key, when in self._last_step.items() if now - when < self.active_for}
-        self._interval = {key: value for key, value in self._interval.items() if key in self._last_step}
-        self._span = {key: value for key, value in self._span.items() if key in self._last_step}
-        self._last_generating = {key: value for key, value in self._last_generating.items() if key in self._last_step}
-        return len(self._last_step)
+        self._rhythms = {key: rhythm for key, rhythm in self._rhythms.items()
+                         if now - rhythm.last_step < self.active_for}
+        return len(self._rhythms)
 
     def _run(self, batch: list[_PendingStep], busy: bool = False) -> list[torch.Tensor]:
         """On the compute thread (torch's thread count is per calling thread)."""
