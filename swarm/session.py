@@ -99,6 +99,31 @@ class _PeerStream:
                 logger.debug(f"closing the stream to {self.hop.peer_id}: {error}")
 
 
+class _History:
+    """What a hop got (or answered) from position 0, kept as pieces [batch, tokens, hidden]. A
+    step appends one in constant time (summing the pieces' lengths at every step made a long
+    generation quadratic); the pieces are joined only when a replay or a check reads them."""
+
+    def __init__(self):
+        self._parts: list[torch.Tensor] = []
+        self.length = 0
+
+    def joined(self) -> torch.Tensor:
+        if len(self._parts) > 1:
+            self._parts = [torch.cat(self._parts, dim=1)]
+        return self._parts[0]
+
+    def cut(self, length: int) -> None:
+        """Keep the first `length` positions."""
+        if length < self.length:
+            self._parts = [self.joined()[:, :length]] if length > 0 else []
+            self.length = length
+
+    def append(self, part: torch.Tensor) -> None:
+        self._parts.append(part)
+        self.length += part.shape[1]
+
+
 @dataclasses.dataclass
 class _Segment:
     """One hop of the route with its open stream and every input it was sent (for replay)."""
@@ -106,28 +131,13 @@ class _Segment:
     hop: Hop
     stream: _PeerStream
     session_id: str  # the peer's name for this session: where the hop before it pushes its steps
-    inputs: list[torch.Tensor] = dataclasses.field(default_factory=list)  # [batch, tokens, hidden] each
+    inputs: _History = dataclasses.field(default_factory=_History)
     fresh: bool = True  # its peer holds no positions yet: the next step replays the history
     # kept only when verifying:
-    outputs: list[torch.Tensor] = dataclasses.field(default_factory=list)  # its answers, every position from 0
+    outputs: _History = dataclasses.field(default_factory=_History)  # its answers, every position from 0
     verified: int = 0  # positions whose answers a check confirmed
     checked: bool = False  # one of its steps was checked already
     due: bool = True  # this step gets checked (a new peer's first step always is)
-
-
-def _history(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
-def _length(parts: list[torch.Tensor]) -> int:
-    return sum(part.shape[1] for part in parts)
-
-
-def _cut(parts: list[torch.Tensor], length: int) -> list[torch.Tensor]:
-    """The first `length` positions of a history kept as pieces [batch, tokens, hidden]."""
-    if not parts or _length(parts) == length:
-        return parts
-    return [_history(parts)[:, :length]] if length > 0 else []
 
 
 class InferenceSession:
@@ -304,7 +314,7 @@ class InferenceSession:
                            count: int) -> torch.Tensor:
         if segment.fresh and position > 0:  # replay: the whole history, then the new positions
             if carried.shape[1] != position + count:
-                carried = torch.cat([_history(segment.inputs)[:, :position], carried[:, -count:]], dim=1)
+                carried = torch.cat([segment.inputs.joined()[:, :position], carried[:, -count:]], dim=1)
             at, inputs = 0, carried
         else:
             at, inputs = position, carried[:, -count:]  # below the peer's cache length: it rewrites from there
@@ -354,9 +364,11 @@ class InferenceSession:
 
     def _record(self, segment: _Segment, at: int, inputs: torch.Tensor, reply: StepResult) -> None:
         """The segment got `inputs` from position `at` and answered `reply`: its history for replays."""
-        segment.inputs = [*_cut(segment.inputs, at), inputs]
+        segment.inputs.cut(at)
+        segment.inputs.append(inputs)
         if self.verifier is not None:
-            segment.outputs = [*_cut(segment.outputs, at), reply.hidden_states]
+            segment.outputs.cut(at)
+            segment.outputs.append(reply.hidden_states)
             segment.verified = min(segment.verified, at)
         segment.fresh = False
 
@@ -364,10 +376,10 @@ class InferenceSession:
         """Check the due hops; while one lied, replace it, roll back and run the chain again
         (which leaves the due hops' rewritten positions to be checked again)."""
         while due := [segment for segment in self._segments
-                      if segment.due and not segment.fresh and segment.verified < _length(segment.outputs)]:
+                      if segment.due and not segment.fresh and segment.verified < segment.outputs.length]:
             verdicts = await asyncio.gather(*(
-                self.verifier.check(segment.hop, _history(segment.inputs),
-                                    _history(segment.outputs)[:, segment.verified :], segment.verified)
+                self.verifier.check(segment.hop, segment.inputs.joined(),
+                                    segment.outputs.joined()[:, segment.verified :], segment.verified)
                 for segment in due))
             liars: set[str] = set()
             wrong_from: dict[int, int] = {}  # id(segment) -> first position it got wrong
@@ -375,7 +387,7 @@ class InferenceSession:
                 segment.checked = True
                 liars |= verdict.liars
                 if verdict.first_mismatch is None:
-                    segment.verified = _length(segment.outputs)
+                    segment.verified = segment.outputs.length
                 else:
                     wrong_from[id(segment)] = segment.verified + verdict.first_mismatch
             caught = [segment for segment in self._segments if segment.hop.peer_id in liars]
@@ -387,7 +399,7 @@ class InferenceSession:
     async def _roll_back(self, position: int, liars: set[str], outputs: torch.Tensor) -> torch.Tensor:
         """Replace the liars on the route, return every hop to `position` and run the chain
         again from there; the outputs of this step's positions."""
-        first_inputs = _history(self._segments[0].inputs)
+        first_inputs = self._segments[0].inputs.joined()
         end = first_inputs.shape[1]
         if position < self.position:  # tokens already handed out came from a lie that no check had seen
             logger.warning(f"a peer lied at position {position}, before a check caught it (the session is at "
@@ -402,7 +414,8 @@ class InferenceSession:
         if position >= end:  # nothing this step handed out is wrong: the replacements replay at the next step
             return outputs
         for segment in self._segments:
-            segment.inputs, segment.outputs = _cut(segment.inputs, position), _cut(segment.outputs, position)
+            segment.inputs.cut(position)
+            segment.outputs.cut(position)
             segment.verified = min(segment.verified, position)
         return await self._run_chain(position, first_inputs[:, position:])
 
