@@ -27,7 +27,7 @@ bfloat16's unit roundoff; g = a float32 sum's error factor over the hidden size)
   bfloat16: u (1+g)(1+u)|x|(|w| + |d|) more
 - the float32 head's own sum is g|x||w| off the exact logit
 (norms are Euclidean; Cauchy-Schwarz throughout). The row factors are computed once per weight
-in float64 (`_row_factors`), times |x| per token.
+(`_row_factors`, from float32 norms with a margin for their rounding), times |x| per token.
 """
 
 from __future__ import annotations
