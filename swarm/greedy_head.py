@@ -208,8 +208,8 @@ class _TwoPassScreen:
         scales = self.scales
         self.row_norms = np.empty(len(scales))
         self.error_norms = np.empty(len(scales))
-        for begin in range(0, len(scales), 4096):  # float64 in slices: the whole head twice over is 226 MB
-            rows = slice(begin, begin + 4096)
+        for begin in range(0, len(scales), 1024):  # float64 in slices: the whole head twice over is 226 MB
+            rows = slice(begin, begin + 1024)
             exact = weight[rows].double()
             rebuilt = quantized[rows].int_repr().double() * scales[rows].unsqueeze(1)
             self.row_norms[rows] = torch.linalg.vector_norm(exact, dim=1).numpy()
