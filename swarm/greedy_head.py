@@ -169,8 +169,6 @@ def _row_factors(weight: torch.Tensor, quantized: torch.Tensor, scales: torch.Te
     return (1.01 * factors).float().numpy()  # 1.01: the float32 norm of x per token, and this rounding
 
 
-
-
 class _Int8PackScreen:
     """int8 weights with a bfloat16 scale per row, bfloat16 inputs (torch's `_weight_int8pack_mm`)."""
 
@@ -205,13 +203,12 @@ class _TwoPassScreen:
 
     def __init__(self, weight: torch.Tensor):
         self.scales, quantized = _quantize(weight)  # float32 scales (what fbgemm keeps)
-        scales = self.scales
-        self.row_norms = np.empty(len(scales))
-        self.error_norms = np.empty(len(scales))
-        for begin in range(0, len(scales), 1024):  # float64 in slices: the whole head twice over is 226 MB
+        self.row_norms = np.empty(len(self.scales))
+        self.error_norms = np.empty(len(self.scales))
+        for begin in range(0, len(self.scales), 1024):  # float64 in slices: the whole head twice over is 226 MB
             rows = slice(begin, begin + 1024)
             exact = weight[rows].double()
-            rebuilt = quantized[rows].int_repr().double() * scales[rows].unsqueeze(1)
+            rebuilt = quantized[rows].int_repr().double() * self.scales[rows].unsqueeze(1)
             self.row_norms[rows] = torch.linalg.vector_norm(exact, dim=1).numpy()
             self.error_norms[rows] = torch.linalg.vector_norm(rebuilt - exact, dim=1).numpy()
         self.row_norms *= 1.0001  # float64 norms: a margin far above their rounding
@@ -240,7 +237,7 @@ class _TwoPassScreen:
             rounded = scaled.round()
             if ((scaled - rounded).abs() < 0.5 - self.TIE_MARGIN).all() and rounded.abs().max() <= self.LEVELS:
                 return scale, rounded
-            scale = float(np.float32(scale * (1 + 2.0**-7)))  # values move by up to 1/2 of a step
+            scale = float(np.float32(scale * (1 + 2.0**-7)))  # moves the values by up to half a step: off the tie
         return None
 
     def screen(self, inputs: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
@@ -266,8 +263,10 @@ class _TwoPassScreen:
         error = torch.where(near_tie, worst, error)
         error_norm = torch.linalg.vector_norm(error, dim=1, keepdim=True).numpy() * 1.0001
         norm = torch.linalg.vector_norm(exact, dim=1, keepdim=True).numpy() * 1.0001
+        # |x1| + |x2| of the kernel's rows: its second row may be a step off here at near ties
         parts = (torch.linalg.vector_norm(part_one, dim=1, keepdim=True)
-                 + torch.linalg.vector_norm(part_two, dim=1, keepdim=True)).numpy() * 1.0001
+                 + torch.linalg.vector_norm(part_two, dim=1, keepdim=True)
+                 + scale / self.RESIDUAL * near_tie.sum(dim=1, keepdim=True).sqrt()).numpy() * 1.0001
         kernel = (7 * FLOAT32_ROUNDOFF + self.sum_error) * parts
         bound = (self.error_norms * (norm + error_norm + kernel)
                  + self.row_norms * (error_norm + kernel + self.sum_error * norm))
