@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _timing import milliseconds  # noqa: E402  (bench/ is the script's folder)
 from protocol.network import die_with_parent  # noqa: E402
 from protocol.weights import EMBEDDED_MODEL  # noqa: E402
 from swarm.local_swarm import LocalSwarm  # noqa: E402
@@ -89,21 +90,10 @@ def step_costs(repeats: int = 30) -> list[str]:
 
         with torch.inference_mode():
             single, batched, products_one, products_four = (
-                _milliseconds(function, repeats) for function in (one, four, products(1), products(4)))
+                milliseconds(function, repeats) for function in (one, four, products(1), products(4)))
         rows.append(f"| {label} | {single:.1f} | {batched:.1f} | {batched / single:.2f} | {products_one:.1f} | "
                     f"{products_four:.1f} | {products_four / products_one:.2f} |")
     return rows
-
-
-def _milliseconds(function, repeats: int) -> float:
-    for _ in range(3):
-        function()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return 1e3 * statistics.median(times)
 
 
 def run_clients(initial_peers: list[str], count: int, new_tokens: int) -> float:

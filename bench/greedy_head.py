@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from _timing import milliseconds  # noqa: E402  (bench/ is the script's folder)
 from protocol.weights import EMBEDDED_MODEL, load_full_model  # noqa: E402
 from swarm.cli import encode_prompt  # noqa: E402
 from swarm.greedy_head import SCREENS, ScreenedArgmax  # noqa: E402
@@ -36,17 +36,6 @@ def normed_states(model, tokenizer, new_tokens: int = 40) -> torch.Tensor:
                                     return_dict_in_generate=True)
             states += [model.model.norm(step[-1][:, -1]) for step in output.hidden_states]
     return torch.cat(states)
-
-
-def milliseconds(function, repeats: int = 100) -> float:
-    for _ in range(5):
-        function()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -73,7 +62,7 @@ def main() -> None:
                                       for row in range(0, len(states), max(1, len(states) // 10)))
         print(f"| {name} | {equal} of {len(states) - handed} | {handed} | "
               f"{screen.candidates / max(screen.screened, 1):.1f} | {per_token:.2f} |")
-    full = milliseconds(lambda: states[:1] @ weight.T)
+    full = milliseconds(lambda: states[:1] @ weight.T, 100)
     print(f"| the float32 head in full | | | | {full:.2f} |")
 
 
