@@ -65,6 +65,9 @@ class StepBatcher:
         self.gather_window = gather_window
         self._step_seconds: float | None = None  # moving average of one batch's compute time
         self._rhythms: dict[int, _Rhythm] = {}  # cache id -> its session's rhythm, while it is active
+        # blocks -> the typical time between generation steps of the sessions over them, learned
+        # from every session: the rhythm expected of a session that has not shown its own yet
+        self._span_intervals: dict[tuple[int, int], float] = {}
         self._idle_threads: int | None = None  # torch threads when one session generates
         self._pending: list[_PendingStep] = []
         self._wakeup = asyncio.Event()
@@ -90,6 +93,8 @@ class StepBatcher:
             if generating and rhythm.generating:
                 interval = now - rhythm.last_step
                 rhythm.interval = interval if rhythm.interval is None else 0.7 * rhythm.interval + 0.3 * interval
+                known = self._span_intervals.get((start, end))
+                self._span_intervals[(start, end)] = interval if known is None else 0.9 * known + 0.1 * interval
             rhythm.last_step, rhythm.span, rhythm.generating = now, (start, end), generating
         self._pending.append(_PendingStep(hidden_states, start, end, position, cache, result, now))
         self._wakeup.set()
@@ -122,11 +127,18 @@ class StepBatcher:
 
     def _expected_by(self, span: tuple[int, int], deadline: float, now: float) -> bool:
         """Some generating session over `span` (only those share a batch) without a waiting step is
-        due to send one before `deadline`."""
+        due to send one before `deadline`. A session that has not shown its rhythm yet (new, or
+        just past its prompt) is expected at the rhythm of the span's earlier sessions: clients
+        that start together then batch from their first tokens on (4 clients through 3 peers:
+        their first 6 to 10 rounds ran as batches of 1 to 3 sessions while they learned it)."""
         waiting = {id(step.cache) for step in self._pending}
-        return any(key not in waiting and rhythm.interval is not None and rhythm.span == span
-                   and rhythm.last_step + rhythm.interval <= deadline
-                   for key, rhythm in self._rhythms.items() if now - rhythm.last_step < self.active_for)
+        typical = self._span_intervals.get(span)
+        for key, rhythm in self._rhythms.items():
+            interval = rhythm.interval if rhythm.interval is not None else typical
+            if (key not in waiting and interval is not None and rhythm.span == span
+                    and now - rhythm.last_step < self.active_for and rhythm.last_step + interval <= deadline):
+                return True
+        return False
 
     def _take_batch(self) -> list[_PendingStep]:
         first = self._pending[0]

@@ -54,14 +54,14 @@ def run_rounds(window: float, lag: float, rounds: int = 5, forget_b: bool = Fals
 
 def test_a_step_waits_for_a_session_due_within_the_window():
     batches, _ = run_rounds(window=0.5, lag=0.1)
-    assert batches[:4] == [1, 1, 1, 1]  # two rounds to learn B's rhythm: nothing to wait for yet
-    assert batches[4:] == [2, 2, 2], batches  # then B is due within the window: one batch each round
+    assert batches[:2] == [1, 1]  # nothing known of either session's rhythm yet: nothing to wait for
+    assert batches[2:] == [2, 2, 2, 2], batches  # then B is due within the window: one batch each round
 
 
 def test_no_wait_without_a_window_for_a_closed_session_or_one_due_later():
     assert run_rounds(window=0.0, lag=0.1)[0] == [1] * 10
     batches, events = run_rounds(window=0.5, lag=0.1, forget_b=True)
-    assert batches == [1, 1, 1, 1, 2, 2, 1], batches
+    assert batches == [1, 1, 2, 2, 2, 1], batches
     batches, events = run_rounds(window=0.05, lag=0.2)  # B's steps come later than the window reaches
     assert batches == [1] * 10, batches
     assert events[-4:] == ["A sent", "A done", "B sent", "B done"]
@@ -76,8 +76,9 @@ def test_no_wait_for_a_session_over_other_blocks():
 
 def test_the_gap_after_a_prompt_does_not_count_as_a_sessions_rhythm():
     """Each session's prompt, then a long pause (its prefill on the rest of the route), then
-    generation steps: batching starts as soon as two generation steps showed B's rhythm. Taken
-    as a rhythm, the pause would make B look far off for several more rounds."""
+    generation steps: batching starts as soon as two generation steps showed A's rhythm, at which
+    B is expected too. Taken as a rhythm, the pause would make the sessions look far off for
+    several more rounds."""
     blocks = RecordingBlocks()
 
     async def main():
@@ -96,4 +97,35 @@ def test_the_gap_after_a_prompt_does_not_count_as_a_sessions_rhythm():
                 await asyncio.sleep(0.05)
 
     asyncio.run(main())
-    assert blocks.batches == [1, 1, 1, 1, 1, 1, 2, 2, 2], blocks.batches
+    assert blocks.batches == [1, 1, 1, 1, 2, 2, 2, 2], blocks.batches
+
+
+def test_new_sessions_batch_at_the_rhythm_of_earlier_ones():
+    """A and B generate together, then close; C and D send their prompts and start generating
+    over the same blocks. Their first generation steps already run as one batch, at the rhythm
+    A and B showed (for sessions that start together, as the clients of bench/concurrency.py)."""
+    blocks = RecordingBlocks()
+
+    async def main():
+        with ThreadPoolExecutor(1) as compute:
+            batcher = StepBatcher(blocks, compute, after_compute=lambda: None, gather_window=0.5)
+
+            async def step(cache, delay, tokens=1):
+                await asyncio.sleep(delay)
+                await batcher.submit(torch.zeros(1, tokens, 4), 0, 2, 0, cache)
+
+            a, b, c, d = Session(), Session(), Session(), Session()
+            for _ in range(5):
+                await asyncio.gather(step(a, 0.0), step(b, 0.1))
+                await asyncio.sleep(0.05)
+            batcher.forget(a)
+            batcher.forget(b)
+            await asyncio.gather(step(c, 0.0, tokens=5), step(d, 0.1, tokens=5))
+            await asyncio.sleep(0.05)
+            for _ in range(5):
+                await asyncio.gather(step(c, 0.0), step(d, 0.1))
+                await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert blocks.batches[:6] == [1, 1, 2, 2, 2, 2], blocks.batches  # A and B
+    assert blocks.batches[6:] == [1, 1, 2, 2, 2, 2, 2], blocks.batches  # C's and D's prompts, then batches
