@@ -14,8 +14,9 @@ Two screens, the first one this torch can run:
    of x is far too coarse (the final norm's outputs have outliers: largest over root mean square
    9.5 to 19.5 on the embedded model, and a rigorous bound left thousands of candidates), so x
    goes in as two rows: x at scale s, and 64 times what that missed, at the same scale. Their
-   sum is x to s/128 per value. 1.3-1.7 ms per token on the AMD CPU of bench/concurrency.py,
-   against 5.7 ms for the second screen, which computes there at about 5 GB/s.
+   sum is x to s/128 per value. On the AMD CPU of bench/concurrency.py, a token took 2.0 ms
+   against 5.0 ms with the second screen (bench/greedy_head.py), whose kernel computes there at
+   about 5 GB/s.
 2. `_Int8PackScreen` (torch's `_weight_int8pack_mm`, AVX2 or AVX512): bfloat16 inputs times
    int8 weights with a bfloat16 scale per row, float32 sums.
 Elsewhere (no fbgemm and no vectorized int8 product), the float32 head is read in full.
