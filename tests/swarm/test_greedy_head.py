@@ -101,11 +101,10 @@ def test_the_bound_holds_where_it_is_tightest(name, looseness, rows):
     assert (error > bound / looseness).any()
 
 
+@RUNS["two-pass"]
 def test_two_pass_inputs_avoid_rounding_ties():
     """The kernel rounds the first pass itself: a scale that leaves a value near a tie is nudged
     until none is, so the kernel's integers are the ones the bound was computed with."""
-    if not two_pass_available():
-        pytest.skip("no fbgemm int8 product on this machine")
     screen = _TwoPassScreen(head())
     inputs = torch.linspace(-1, 1, HIDDEN, dtype=torch.float64).unsqueeze(0)
     inputs[0, 0] = 63.0  # the scale starts at 1: then the values k + 0.5 are ties
