@@ -99,13 +99,15 @@ def test_a_verifying_client_bans_the_liar_and_stays_exact(swarm, tiny_llama, exp
 
 def test_a_peer_that_starts_lying_later_is_caught_at_a_checked_step(swarm, tiny_llama, expected):
     """A second liar, honest for its first 4 answers, is preferred over both others; checking
-    every step catches it when it turns, and the session rolls back to that step's position."""
+    every step catches it when it turns, and the session rolls back to that step's position.
+    Routes by compute alone: the new peer's first round trip, measured while it starts on a
+    loaded machine, once outweighed its throughput (a CI run routed around it)."""
     ids, expected_output = expected
     local, _ = swarm
     late = local.start_peer("2:4", extra=["--throughput", "5000", "--corrupt-outputs", "1.0", "--corrupt-after", "4"],
                             name="late-liar-2-4")
     try:
-        with client(swarm, tiny_llama, verify_fraction=1.0) as model:
+        with client(swarm, tiny_llama, verify_fraction=1.0, route_mode="throughput") as model:
             output, first_route, last_route, session = generate(model, ids)
             assert late.peer_id in first_route
             assert output.tolist() == expected_output.tolist()
